@@ -1,0 +1,3 @@
+"""The ``gp2p`` command (placeholder until the CLI step)."""
+def main(argv=None):
+    return 0

@@ -1,0 +1,126 @@
+"""Codecs: how one message (a dict) becomes the bytes of one frame body, and back.
+
+Two codecs share one small interface: ``encode(obj) -> bytes`` and ``decode(bytes) -> obj``.
+Decoding failures of any kind come out as :class:`~gp2p.errors.ProtocolError` only.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import msgpack
+
+from gp2p.errors import ProtocolError
+
+__all__ = ["Codec", "MsgpackCodec", "JsonCodec", "CODECS", "by_name", "by_id", "EncodeError"]
+
+
+class EncodeError(ValueError):
+    """A value cannot be encoded (an unsupported type, a non-str dict key, ...)."""
+
+
+class Codec:
+    """Interface of a codec."""
+
+    name = ""
+    id = 0
+
+    def encode(self, obj: Any) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+class MsgpackCodec(Codec):
+    """msgpack with str/bytes kept apart and extension types refused."""
+
+    name = "msgpack"
+    id = 1
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True, strict_types=False)
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return self._packer.pack(obj)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(str(exc)) from None
+
+    def decode(self, data: bytes) -> Any:
+        # unpackb bounds every container by the size of ``data`` itself, so a frame cannot
+        # announce more items than it has bytes for.
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                                   use_list=True)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack raises many types for malformed input
+            raise ProtocolError(f"undecodable msgpack frame: {exc.__class__.__name__}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"$b": base64.b64encode(bytes(obj)).decode("ascii")}
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _json_hook(obj: dict) -> Any:
+    if len(obj) == 1 and "$b" in obj:
+        value = obj["$b"]
+        if not isinstance(value, str):
+            raise ProtocolError("bad $b value")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("bad base64 in $b") from None
+    return obj
+
+
+class JsonCodec(Codec):
+    """Compact UTF-8 JSON; bytes travel as ``{"$b": base64}``."""
+
+    name = "json"
+    id = 2
+
+    def __init__(self) -> None:
+        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                         allow_nan=False, default=_json_default)
+        self._decoder = json.JSONDecoder(object_hook=_json_hook)
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return self._encoder.encode(obj).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(str(exc)) from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            text = bytes(data).decode("utf-8")
+            return self._decoder.decode(text)
+        except ProtocolError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"undecodable JSON frame: {exc.__class__.__name__}") from None
+
+
+CODECS: dict[int, Codec] = {MsgpackCodec.id: MsgpackCodec(), JsonCodec.id: JsonCodec()}
+
+
+def by_name(name: str) -> Codec:
+    """The codec called ``name`` ("msgpack" or "json")."""
+    for codec in CODECS.values():
+        if codec.name == name:
+            return codec
+    raise ValueError(f"unknown codec {name!r}")
+
+
+def by_id(codec_id: int) -> Codec | None:
+    """The codec with wire id ``codec_id``, or None when unsupported."""
+    return CODECS.get(codec_id)

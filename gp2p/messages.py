@@ -1,0 +1,120 @@
+"""Every message type and its fields, in one place, and ``validate()`` at the edge.
+
+A message is a map with a ``type`` string and the fields of that type. The reader decodes
+a frame and calls :func:`validate`; nothing malformed gets further than that.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gp2p.errors import ProtocolError
+from gp2p.identity import SIGNATURE_SIZE, is_node_id
+
+__all__ = ["validate", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
+           "RESERVED_PREFIX"]
+
+NONCE_SIZE = 32
+MAX_ADDR_ENTRIES = 1000
+MAX_NAME = 256
+U64 = 2**64
+#: application kinds may not start with this
+RESERVED_PREFIX = "gp2p."
+
+
+def _short_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_NAME
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME
+
+
+def _opt_str(value: Any) -> bool:
+    return value is None or _short_str(value)
+
+
+def _u64(value: Any) -> bool:
+    return type(value) is int and 0 <= value < U64
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _nonce(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == NONCE_SIZE
+
+
+def _signature(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == SIGNATURE_SIZE
+
+
+def _features(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= 64 and all(_short_str(v) for v in value)
+
+
+def _any(value: Any) -> bool:
+    return True
+
+
+def _addr_list(value: Any) -> bool:
+    # entries are checked one by one by discovery, so that good ones survive bad ones
+    return isinstance(value, list) and len(value) <= MAX_ADDR_ENTRIES
+
+
+def _error(value: Any) -> bool:
+    return (isinstance(value, dict) and _short_str(value.get("type"))
+            and isinstance(value.get("message"), str))
+
+
+_Check = Callable[[Any], bool]
+
+#: type -> {field: check}; optional fields are listed in _OPTIONAL
+SCHEMAS: dict[str, dict[str, _Check]] = {
+    "hello": {"network": _nonempty_str, "id": is_node_id, "listen": _opt_str, "agent": _short_str,
+              "features": _features, "nonce": _nonce, "ts": _number},
+    "ack": {"sig": _signature},
+    "ping": {"nonce": _u64},
+    "pong": {"nonce": _u64},
+    "disconnect": {"reason": _u64},
+    "msg": {"kind": _nonempty_str, "payload": _any},
+    "getaddr": {},
+    "addr": {"addrs": _addr_list},
+    "gossip": {"origin": is_node_id, "id": _nonempty_str, "hops": _u64, "ts": _number,
+               "kind": _nonempty_str, "payload": _any},
+    "request": {"id": _u64, "kind": _nonempty_str, "payload": _any},
+    "response": {"id": _u64, "ok": lambda v: type(v) is bool},
+}
+_OPTIONAL: dict[str, dict[str, _Check]] = {
+    "disconnect": {"text": _short_str},
+    "response": {"payload": _any, "error": _error},
+}
+
+KNOWN_TYPES = frozenset(SCHEMAS)
+HANDSHAKE_TYPES = frozenset(("hello", "ack", "disconnect"))
+
+
+def validate(msg: Any) -> str:
+    """Check a decoded message; return its type.
+
+    Raises :class:`ProtocolError` for anything that is not a map with a string ``type``, or
+    a known type with a missing or ill-typed field. An unknown type is returned as it is
+    (the caller ignores and counts it: forward compatibility).
+    """
+    if not isinstance(msg, dict):
+        raise ProtocolError("a message must be a map")
+    mtype = msg.get("type")
+    if not _nonempty_str(mtype):
+        raise ProtocolError("a message needs a string 'type'")
+    schema = SCHEMAS.get(mtype)
+    if schema is None:
+        return mtype
+    for name, check in schema.items():
+        if name not in msg or not check(msg[name]):
+            raise ProtocolError(f"{mtype}: missing or bad field {name!r}")
+    optional = _OPTIONAL.get(mtype)
+    if optional:
+        for name, check in optional.items():
+            if name in msg and not check(msg[name]):
+                raise ProtocolError(f"{mtype}: bad field {name!r}")
+    return mtype

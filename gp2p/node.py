@@ -1,0 +1,262 @@
+"""Node: wires transport, peers, dispatcher and peer manager together and owns every greenlet."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable
+
+from gevent.event import Event
+
+from gp2p import transport
+from gp2p.codec import by_name
+from gp2p.config import Config
+from gp2p.dispatch import Context, Dispatcher
+from gp2p.errors import DisconnectReason, PeerGone
+from gp2p.handshake import Local
+from gp2p.identity import Identity, short_id
+from gp2p.messages import RESERVED_PREFIX
+from gp2p.metrics import Metrics
+from gp2p.peer import Peer
+from gp2p.peermanager import PeerManager
+from gp2p.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Node"]
+
+#: message types other layers will handle; until then they are counted and ignored
+_LATER_TYPES = frozenset(("getaddr", "addr", "gossip", "request", "response"))
+
+
+class Node:
+    """One gp2p node: it listens, dials, keeps peers alive and runs your handlers.
+
+    ``Node(listen="127.0.0.1:0", bootstrap=[...], **config_fields)`` or
+    ``Node(config=Config(...))``; passing both is a :class:`TypeError`. The constructor does
+    no I/O: :meth:`start` binds and dials.
+    """
+
+    def __init__(self, *, config: Config | None = None, **fields: Any):
+        if config is not None and fields:
+            raise TypeError("pass either config= or config fields, not both")
+        self.config = config if config is not None else Config(**fields)
+        self.metrics = Metrics()
+        self.identity: Identity | None = None if self.config.datadir else Identity()
+        self.tasks: TaskGroup | None = None
+        self._listener: transport.Listener | None = None
+        self._pm: PeerManager | None = None
+        self._stopped = Event()
+        self._failure: BaseException | None = None
+        self._started = False
+        self._closed = False
+        self._dispatcher = Dispatcher(self.metrics, self.config.handler_concurrency,
+                                      self.config.inbox_size)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "started" if self._started else "new"
+        peers = len(self._pm.by_id) if self._pm else 0
+        return f"<Node {short_id(self.id)} {self.address or '-'} {state} peers={peers}>"
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def id(self) -> str | None:
+        """This node's id (hex Ed25519 public key); None before start when it lives in datadir."""
+        return self.identity.id if self.identity else None
+
+    @property
+    def address(self) -> str | None:
+        """The listen address peers are told (``advertise``, else the bound one)."""
+        if self._listener is None:
+            return None
+        return self.config.advertise or self._listener.address
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The ready peers, one per node id."""
+        return list(self._pm.by_id.values()) if self._pm else []
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def on(self, kind: str, *, context: bool = False,
+           validate: Callable[[Any, Any], bool] | None = None) -> Callable[[Callable], Callable]:
+        """Register the handler of ``kind``: ``fn(peer, payload)``, or
+        ``fn(peer, payload, ctx)`` with ``context=True``. ``validate(peer, payload) -> bool``
+        runs first; a rejected message is dropped and counted. Returns ``fn`` unchanged."""
+        return self._dispatcher.on(kind, context=context, validate=validate)
+
+    def on_event(self, name: str) -> Callable[[Callable], Callable]:
+        """Add a listener: ``peer_connected`` -> ``fn(peer)``; ``peer_disconnected`` ->
+        ``fn(peer, reason)``."""
+        return self._dispatcher.on_event(name)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "Node":
+        """Listen and start dialling; returns once listening. On failure, closes what it
+        opened and re-raises."""
+        if self._started:
+            raise RuntimeError(f"{self!r} was already started")
+        self._started = True
+        cfg = self.config
+        try:
+            if cfg.datadir:
+                os.makedirs(cfg.datadir, mode=0o700, exist_ok=True)
+                self.identity = Identity.load_or_create(os.path.join(cfg.datadir, "node.key"))
+            self.tasks = TaskGroup(f"node:{short_id(self.id)}", self._crashed)
+            self._dispatcher.start(self.tasks)
+            self._local = Local(identity=self.identity, network_id=cfg.network_id,
+                                codec=by_name(cfg.codec), max_frame_size=cfg.max_frame_size,
+                                agent=cfg.agent)
+            self._pm = PeerManager(cfg, self._local, self.tasks, self.metrics, route=self._route,
+                                   attach=self._dispatcher.attach, connected=self._peer_connected,
+                                   disconnected=self._peer_disconnected, on_error=self._crashed)
+            if cfg.listen is not None:
+                self._listener = transport.listen(cfg.listen, self._pm.handle_inbound,
+                                                  cfg.max_inbound + cfg.max_pending,
+                                                  on_error=self._crashed)
+                self._local.listen = self.address
+            self.metrics.gauge("peers", lambda: len(self._pm.by_id))
+            self._pm.start()
+        except BaseException:
+            self._shutdown(timeout=1.0)
+            raise
+        log.info("node %s started on %s", short_id(self.id), self.address or "(client only)")
+        return self
+
+    def _crashed(self, greenlet: Any, exc: BaseException | None = None) -> None:
+        """An owned greenlet died of an unexpected exception: stop the node."""
+        if exc is None:  # called by the transport with the exception only
+            exc = greenlet
+        if self._failure is None:
+            self._failure = exc
+        if not self._closed:
+            TaskGroup(f"node:{short_id(self.id)}:crash").spawn("stop", self.stop)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the node; idempotent, and bounded by ``timeout`` (default 5 s).
+
+        Order: stop accepting and dialling; send ``disconnect(SHUTDOWN)`` to every peer and
+        give writers ``close_linger`` to flush; let the dispatcher run what is queued
+        (``peer_disconnected`` included); kill leftovers, logging each by name. Afterwards
+        no greenlet or socket of this node is left.
+        """
+        if self._closed:
+            return
+        self._shutdown(5.0 if timeout is None else timeout)
+
+    def _shutdown(self, timeout: float) -> None:
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        if self._listener is not None:
+            self._listener.close()
+        pm = self._pm
+        if pm is not None:
+            pm.close()
+            peers = list(pm.connections)
+            for peer in peers:
+                peer.close(DisconnectReason.SHUTDOWN, "node stopping")
+            for peer in peers:
+                peer.wait_closed(max(0.0, deadline - time.monotonic()))
+        self._dispatcher.wait_quiet(max(0.0, deadline - time.monotonic()))
+        self._dispatcher.close()
+        if self._listener is not None:
+            self._listener.stop(timeout=max(0.1, deadline - time.monotonic()))
+        if pm is not None:
+            for peer in list(pm.connections) + peers:
+                if peer.state != "closed":
+                    peer.kill()
+        if self.tasks is not None:
+            self.tasks.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self._stopped.set()
+        log.info("node %s stopped", short_id(self.id))
+
+    def serve_forever(self) -> None:
+        """Start if needed, then block until the node stops; re-raise what crashed it."""
+        if not self._started:
+            self.start()
+        self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    def __enter__(self) -> "Node":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # -- peers -------------------------------------------------------------------------
+
+    def connect(self, address: str, timeout: float | None = None) -> Peer:
+        """Dial ``address`` and return the ready Peer (the surviving one for a duplicate)."""
+        self._require_started()
+        return self._pm.connect(address, timeout)
+
+    def wait_for_peers(self, n: int, timeout: float | None = None) -> bool:
+        """Block until at least ``n`` peers are ready; False if ``timeout`` passes first."""
+        self._require_started()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._pm.by_id) < n:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._pm.wait_change(remaining)
+        return True
+
+    def _require_started(self) -> None:
+        if not self._started or self._closed:
+            raise RuntimeError(f"{self!r} is not running")
+
+    def _resolve(self, peer_or_id: Peer | str) -> Peer:
+        node_id = peer_or_id.id if isinstance(peer_or_id, Peer) else peer_or_id
+        peer = self._pm.by_id.get(node_id) if self._pm else None
+        if peer is None:
+            raise PeerGone(f"not connected to {short_id(node_id)}")
+        return peer
+
+    # -- messages ----------------------------------------------------------------------
+
+    def send(self, peer_or_id: Peer | str, kind: str, payload: Any = None) -> None:
+        """Send ``payload`` to one peer's handler of ``kind``.
+
+        Waits up to ``send_timeout`` for room in the peer's out-queue; raises
+        :class:`PeerGone` if the peer is not connected (or is closed as too slow).
+        """
+        _check_kind(kind)
+        self._resolve(peer_or_id).send_message({"type": "msg", "kind": kind, "payload": payload})
+
+    def _route(self, peer: Peer, mtype: str, msg: dict) -> None:
+        """Everything a peer's reader does not handle itself."""
+        if mtype == "msg":
+            dispatcher = self._dispatcher
+            dispatcher.submit(peer, dispatcher.deliver, peer, msg["kind"], msg["payload"],
+                              Context("send", peer.id))
+        elif mtype in _LATER_TYPES:
+            self.metrics.inc(f"ignored.{mtype}")
+        else:
+            self.metrics.inc("unknown_types")
+            log.debug("ignored unknown message type %r from %r", mtype, peer)
+
+    def _peer_connected(self, peer: Peer) -> None:
+        self._dispatcher.submit_final(peer, self._dispatcher.emit, "peer_connected", peer)
+
+    def _peer_disconnected(self, peer: Peer, reason: DisconnectReason) -> None:
+        self._dispatcher.submit_final(peer, self._dispatcher.emit, "peer_disconnected", peer, reason)
+
+
+def _check_kind(kind: str) -> None:
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"a message kind is a non-empty string, not {kind!r}")
+    if kind.startswith(RESERVED_PREFIX):
+        raise ValueError(f"kind {kind!r} uses the reserved prefix {RESERVED_PREFIX!r}")

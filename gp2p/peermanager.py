@@ -1,0 +1,336 @@
+"""PeerManager: admits inbound sockets, dials outbound ones, and keeps one Peer per node id.
+
+- Inbound: a socket is *pending* from accept to the end of its handshake, bounded by
+  ``max_pending`` (the extra ones are closed at accept) and, per remote IP, by
+  ``max_per_ip``. The handshake runs under ``handshake_timeout`` counted from accept.
+  ``max_inbound`` is checked after the handshake (``TOO_MANY_PEERS``).
+- Duplicates: the app sees at most one ready Peer per node id. Of two connections between
+  the same nodes, the one dialled by the smaller node id survives; the other is closed with
+  DUPLICATE without any event. When the remote closes our registered connection as a
+  duplicate, ``peer_disconnected`` waits a short grace for the connection it kept, so that
+  the swap stays invisible.
+- Dialling: seeds (``bootstrap``) at start and again while no peer is ready;
+  ``persistent_peers`` for ever, with exponential backoff and jitter.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import gevent
+from gevent.event import Event
+
+from gp2p import handshake, transport
+from gp2p.backoff import backoff_delay
+from gp2p.config import Config
+from gp2p.errors import DisconnectReason, GP2PError, HandshakeError, HandshakeTimeout, PeerGone, ProtocolError
+from gp2p.identity import short_id
+from gp2p.peer import Peer
+from gp2p.tasks import GroupClosed, TaskGroup
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PeerManager"]
+
+#: how long a duplicate swap may take before the app is told the peer left
+SWAP_GRACE = 2.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 60.0
+
+
+class PeerManager:
+    """Connections of one node: admission, duplicates, dialling and redialling."""
+
+    def __init__(self, config: Config, local: handshake.Local, tasks: TaskGroup, metrics: Any, *,
+                 route: Callable[[Peer, str, dict], None], attach: Callable[[Peer], None],
+                 connected: Callable[[Peer], None],
+                 disconnected: Callable[[Peer, DisconnectReason], None],
+                 on_error: Callable | None = None):
+        self.config = config
+        self.local = local
+        self.tasks = tasks
+        self.metrics = metrics
+        self._route = route
+        self._attach = attach
+        self._connected = connected
+        self._disconnected = disconnected
+        self._on_error = on_error
+        self.by_id: dict[str, Peer] = {}
+        self.connections: set[Peer] = set()
+        #: addresses that turned out to be ourselves: never dialled again
+        self.own_addresses: set[str] = set()
+        self.pending = 0
+        self._per_ip: Counter[str] = Counter()
+        self._deferred: dict[str, Any] = {}
+        self._changed = Event()
+        self.closing = False
+        self._stop = Event()
+
+    def __repr__(self) -> str:
+        return f"<PeerManager {len(self.by_id)} peers {self.pending} pending>"
+
+    # -- registry ----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = Event()
+
+    def wait_change(self, timeout: float | None) -> None:
+        """Block until the set of ready peers changes, or ``timeout``."""
+        self._changed.wait(timeout)
+
+    @staticmethod
+    def _survivor(a: Peer, b: Peer) -> Peer:
+        """Of two connections to one node id, the one to keep (dialled by the smaller id)."""
+        if a.dialer_id == b.dialer_id:
+            return a
+        return a if a.dialer_id < b.dialer_id else b
+
+    def _admission(self, info: handshake.PeerInfo) -> DisconnectReason | None:
+        existing = self.by_id.get(info.id)
+        if existing is not None and info.direction == "inbound" and existing.dialer_id <= info.id:
+            return DisconnectReason.DUPLICATE  # the one we have wins (see _survivor)
+        if existing is None and info.direction == "inbound":
+            inbound = sum(1 for p in self.by_id.values() if p.direction == "inbound")
+            if inbound >= self.config.max_inbound:
+                return DisconnectReason.TOO_MANY_PEERS
+        return None
+
+    def _make_peer(self, info: handshake.PeerInfo, stream: Any, reader: Any) -> Peer:
+        peer = Peer(info=info, stream=stream, reader=reader, local=self.local, config=self.config,
+                    route=self._route, on_close=self._peer_closed, metrics=self.metrics,
+                    owner=self.tasks.name, on_error=self._on_error)
+        self._attach(peer)
+        return peer
+
+    def _register(self, peer: Peer) -> bool:
+        """Make ``peer`` the node's Peer for its id; False if it lost to an existing one."""
+        self.connections.add(peer)
+        existing = self.by_id.get(peer.id)
+        if existing is not None:
+            if self._survivor(existing, peer) is existing:
+                peer.close(DisconnectReason.DUPLICATE, "already connected")
+                return False
+            self.by_id[peer.id] = peer
+            existing.close(DisconnectReason.DUPLICATE, "replaced by a connection dialled by the smaller id")
+            log.debug("swapped %r for %r", existing, peer)
+            return True
+        self.by_id[peer.id] = peer
+        deferred = self._deferred.pop(peer.id, None)
+        if deferred is not None:
+            deferred.kill(block=False)
+            log.debug("swap completed silently for %r", peer)
+        else:
+            log.info("peer connected: %r", peer)
+            self._connected(peer)
+        self._notify()
+        return True
+
+    def _peer_closed(self, peer: Peer, reason: DisconnectReason) -> None:
+        self.connections.discard(peer)
+        self.metrics.inc(f"disconnects.{reason.name}")
+        if self.by_id.get(peer.id) is not peer:
+            return  # a losing duplicate: the app never saw it
+        del self.by_id[peer.id]
+        self._notify()
+        if reason == DisconnectReason.DUPLICATE and not self.closing:
+            try:
+                self._deferred[peer.id] = self.tasks.spawn_later(
+                    SWAP_GRACE, f"swap:{short_id(peer.id)}", self._swap_expired, peer, reason)
+                return
+            except GroupClosed:
+                pass
+        log.info("peer disconnected: %r %s", peer, reason.name)
+        self._disconnected(peer, reason)
+
+    def _swap_expired(self, peer: Peer, reason: DisconnectReason) -> None:
+        self._deferred.pop(peer.id, None)
+        log.info("peer disconnected: %r %s", peer, reason.name)
+        self._disconnected(peer, reason)
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def handle_inbound(self, stream: Any) -> None:
+        """The listener's handler: runs for the whole life of the inbound connection."""
+        ip = stream.remote_ip
+        if self.closing:
+            return
+        if self.pending >= self.config.max_pending:
+            self.metrics.inc("refused.pending")
+            log.debug("refused %s: %d handshakes pending", stream, self.pending)
+            return
+        if self._per_ip[ip] >= self.config.max_per_ip:
+            self.metrics.inc("refused.per_ip")
+            log.debug("refused %s: %d sockets from %s", stream, self._per_ip[ip], ip)
+            return
+        self.pending += 1
+        self._per_ip[ip] += 1
+        pending = True
+        try:
+            result = self._inbound_handshake(stream)
+            self.pending -= 1
+            pending = False
+            if result is None:
+                return
+            info, reader, ack = result
+            reason = self._admission(info)
+            if reason is not None or self.closing:
+                reason = reason or DisconnectReason.SHUTDOWN
+                self.metrics.inc(f"refused.{reason.name}")
+                handshake.refuse(stream, self.local, reason, "refused after handshake")
+                return
+            peer = self._make_peer(info, stream, reader)
+            peer.start(first_frames=ack)
+            self._register(peer)
+            peer.wait_closed()
+        finally:
+            if pending:
+                self.pending -= 1
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
+
+    def _inbound_handshake(self, stream: Any) -> tuple | None:
+        try:
+            with gevent.Timeout(self.config.handshake_timeout, HandshakeTimeout()):
+                return handshake.inbound(stream, self.local)
+        except HandshakeError as exc:
+            self._handshake_failed(stream, exc.reason, exc)
+        except ProtocolError as exc:
+            self._handshake_failed(stream, exc.reason, exc)
+        except OSError as exc:
+            self._handshake_failed(stream, DisconnectReason.CONNECTION_LOST, exc)
+        return None
+
+    def _handshake_failed(self, stream: Any, reason: DisconnectReason, exc: BaseException) -> None:
+        self.metrics.inc(f"handshake_failed.{reason.name}")
+        level = logging.DEBUG if reason in (DisconnectReason.DUPLICATE, DisconnectReason.SELF_CONNECTION) else logging.INFO
+        log.log(level, "handshake with %s failed: %s (%s)", stream.remote_address, reason.name, exc)
+
+    # -- outbound ----------------------------------------------------------------------
+
+    def find(self, address: str) -> Peer | None:
+        """The ready peer whose listen address is ``address``, if any."""
+        for peer in self.by_id.values():
+            if peer.address == address:
+                return peer
+        return None
+
+    def connect(self, address: str, timeout: float | None = None) -> Peer:
+        """Dial ``address`` and return the ready Peer (the surviving one for a duplicate).
+
+        Raises :class:`PeerGone` when the TCP connection fails, :class:`HandshakeError`
+        (or :class:`HandshakeTimeout`) when the handshake does.
+        """
+        if address in self.own_addresses or address == self.local.listen:
+            raise HandshakeError(f"{address} is this node", DisconnectReason.SELF_CONNECTION)
+        existing = self.find(address)
+        if existing is not None:
+            return existing
+        connect_timeout = timeout or self.config.connect_timeout
+        try:
+            stream = transport.dial(address, connect_timeout, self.config.source_host)
+        except OSError as exc:
+            self.metrics.inc("dial_failed")
+            raise PeerGone(f"cannot connect to {address}: {exc}") from None
+        try:
+            with gevent.Timeout(timeout or self.config.handshake_timeout, HandshakeTimeout()):
+                info, reader = handshake.outbound(stream, self.local)
+        except (HandshakeError, ProtocolError, OSError) as exc:
+            stream.close()
+            return self._outbound_failed(address, exc)
+        if self.closing:
+            stream.close()
+            raise PeerGone("node is stopping")
+        peer = self._make_peer(info, stream, reader)
+        peer.start()
+        if not self._register(peer):
+            survivor = self.by_id.get(peer.id)
+            if survivor is None:
+                raise PeerGone(f"duplicate connection to {short_id(peer.id)} closed")
+            return survivor
+        return peer
+
+    def _outbound_failed(self, address: str, exc: BaseException) -> Peer:
+        if isinstance(exc, OSError):
+            self.metrics.inc("dial_failed")
+            raise PeerGone(f"connection to {address} lost during the handshake: {exc}") from None
+        reason = getattr(exc, "reason", DisconnectReason.PROTOCOL_ERROR)
+        self.metrics.inc(f"handshake_failed.{reason.name}")
+        if reason == DisconnectReason.SELF_CONNECTION:
+            self.own_addresses.add(address)
+            log.info("%s is this node itself: not dialling it again", address)
+        remote_id = getattr(exc, "remote_id", None)
+        if reason == DisconnectReason.DUPLICATE and remote_id:
+            survivor = self._wait_for(remote_id, SWAP_GRACE)
+            if survivor is not None:
+                return survivor
+        if isinstance(exc, ProtocolError):
+            raise HandshakeError(str(exc), reason, remote_id) from None
+        raise exc
+
+    def _wait_for(self, node_id: str, timeout: float) -> Peer | None:
+        with gevent.Timeout(timeout, False):
+            while node_id not in self.by_id:
+                self.wait_change(None)
+        return self.by_id.get(node_id)
+
+    # -- dial loops --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start dialling seeds and persistent peers."""
+        if self.config.bootstrap:
+            self.tasks.spawn("seeds", self._seed_loop)
+        for address in self.config.persistent_peers:
+            self.tasks.spawn(f"persistent:{address}", self._persistent_loop, address)
+
+    def close(self) -> None:
+        """Stop dialling and admitting."""
+        self.closing = True
+        self._stop.set()
+        for timer in self._deferred.values():
+            timer.kill(block=False)
+
+    def _try(self, address: str) -> Peer | None:
+        try:
+            return self.connect(address)
+        except HandshakeError as exc:
+            log.info("dial %s failed: %s", address, exc.reason.name)
+        except GP2PError as exc:
+            log.info("dial %s failed: %s", address, exc)
+        return None
+
+    def _seed_loop(self) -> None:
+        failures = 0
+        while not self.closing:
+            if self.by_id:
+                self.wait_change(None)
+                continue
+            seeds = [a for a in self.config.bootstrap if a not in self.own_addresses]
+            if not seeds:
+                return
+            dials = [self.tasks.spawn(f"dial:{a}", self._try, a) for a in seeds]
+            gevent.joinall(dials)
+            if any(g.value is not None for g in dials):
+                failures = 0
+                continue
+            failures += 1
+            self._stop.wait(backoff_delay(failures, BACKOFF_BASE, BACKOFF_CAP, random.random()))
+
+    def _persistent_loop(self, address: str) -> None:
+        failures = 0
+        while not self.closing and address not in self.own_addresses:
+            peer = self._try(address)
+            if peer is not None:
+                peer.wait_closed()
+                # a connection that dies young counts as a failure, so that a peer that
+                # accepts and drops us at once is not redialled in a tight loop
+                failures = 0 if time.monotonic() - peer.connected_at > 10 else 1
+            else:
+                failures += 1
+            if not failures:
+                continue
+            self._stop.wait(backoff_delay(failures, BACKOFF_BASE, BACKOFF_CAP, random.random()))
