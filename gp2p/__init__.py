@@ -5,7 +5,7 @@ Importing gp2p never monkey-patches anything; it works in patched and unpatched 
 from gp2p.config import Config
 from gp2p.dispatch import Context
 from gp2p.errors import (
-    DisconnectReason, FrameTooLarge, GP2PError, HandshakeError, HandshakeTimeout, PeerGone,
+    DisconnectReason, EncodeError, FrameTooLarge, GP2PError, HandshakeError, HandshakeTimeout, PeerGone,
     PeerTimeout, ProtocolError, RemoteError, RequestTimeout,
 )
 from gp2p.node import Node
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Node", "Config", "Peer", "Context", "DisconnectReason", "GP2PError", "ProtocolError",
     "HandshakeError", "HandshakeTimeout", "PeerTimeout", "RequestTimeout", "RemoteError",
-    "PeerGone", "FrameTooLarge", "__version__",
+    "PeerGone", "FrameTooLarge", "EncodeError", "__version__",
 ]

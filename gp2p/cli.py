@@ -102,7 +102,9 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from gp2p.swarm import Swarm
 
     _setup_logging(args.log_level)
-    progress = (lambda line: print(line, file=sys.stderr, flush=True))
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages, seed=args.seed,
                   heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                   converge_timeout=args.converge_timeout, progress=progress)

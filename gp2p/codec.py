@@ -12,13 +12,9 @@ from typing import Any
 
 import msgpack
 
-from gp2p.errors import ProtocolError
+from gp2p.errors import EncodeError, ProtocolError
 
 __all__ = ["Codec", "MsgpackCodec", "JsonCodec", "CODECS", "by_name", "by_id", "EncodeError"]
-
-
-class EncodeError(ValueError):
-    """A value cannot be encoded (an unsupported type, a non-str dict key, ...)."""
 
 
 class Codec:
@@ -83,6 +79,10 @@ def _json_hook(obj: dict) -> Any:
     return obj
 
 
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"JSON constant {name} is not allowed")
+
+
 class JsonCodec(Codec):
     """Compact UTF-8 JSON; bytes travel as ``{"$b": base64}``."""
 
@@ -92,7 +92,7 @@ class JsonCodec(Codec):
     def __init__(self) -> None:
         self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                                          allow_nan=False, default=_json_default)
-        self._decoder = json.JSONDecoder(object_hook=_json_hook)
+        self._decoder = json.JSONDecoder(object_hook=_json_hook, parse_constant=_no_constant)
 
     def encode(self, obj: Any) -> bytes:
         try:

@@ -105,7 +105,7 @@ class Config:
     heartbeat_interval: float = 2.0
     #: a peer silent for this long is closed with TIMEOUT (at least 2 x heartbeat_interval)
     peer_timeout: float = 5.0
-    #: the whole handshake, counted from accept (or from the start of the dial)
+    #: the whole handshake: from accept (inbound), from the end of the TCP connect (outbound)
     handshake_timeout: float = 10.0
     #: how long a TCP connect may take
     connect_timeout: float = 5.0
@@ -153,6 +153,7 @@ class Config:
             parse_address(self.advertise)
         if self.send_timeout is None:
             self.send_timeout = self.peer_timeout
+            self._send_timeout_default = True
         self._check_numbers()
         if self.codec not in ("msgpack", "json"):
             raise ValueError(f"codec must be 'msgpack' or 'json', not {self.codec!r}")
@@ -182,7 +183,12 @@ class Config:
         return [f.name for f in fields(cls)]
 
     def replace(self, **changes: Any) -> "Config":
-        """A copy with some fields changed, validated again."""
+        """A copy with some fields changed, validated again.
+
+        A ``send_timeout`` that was left to default keeps following ``peer_timeout``.
+        """
+        if getattr(self, "_send_timeout_default", False) and "send_timeout" not in changes:
+            changes["send_timeout"] = None
         return dataclasses.replace(self, **changes)
 
     @property

@@ -9,7 +9,7 @@ import enum
 
 __all__ = [
     "GP2PError", "ProtocolError", "FrameTooLarge", "HandshakeError", "HandshakeTimeout",
-    "PeerTimeout", "RequestTimeout", "RemoteError", "PeerGone", "DisconnectReason",
+    "PeerTimeout", "RequestTimeout", "RemoteError", "PeerGone", "EncodeError", "DisconnectReason",
 ]
 
 
@@ -99,6 +99,10 @@ class RemoteError(GP2PError):
         super().__init__(f"{type}: {message}")
         self.type = type
         self.message = message
+
+
+class EncodeError(GP2PError, ValueError):
+    """A value cannot be sent: an unsupported type, a non-str dict key, a bad kind."""
 
 
 class PeerGone(GP2PError):

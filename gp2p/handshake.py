@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent
 import msgpack
 
 from gp2p import messages
 from gp2p.codec import CODECS, Codec, by_id
-from gp2p.errors import DisconnectReason, HandshakeError, ProtocolError
+from gp2p.errors import DisconnectReason, HandshakeError, HandshakeTimeout, ProtocolError
 from gp2p.identity import Identity, verify
 from gp2p.wire import FrameReader, frame, parse_preamble, preamble
 
@@ -32,6 +33,8 @@ __all__ = ["Local", "PeerInfo", "outbound", "inbound", "ack_payload", "disconnec
 #: frames other than hello/ack/disconnect tolerated (and ignored) before the handshake ends
 MAX_EARLY_FRAMES = 16
 ACK_DOMAIN = "gp2p-ack-v1"
+#: how long telling the remote why we refuse it may take
+REFUSE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -123,7 +126,9 @@ class _Exchange:
             data = preamble(self.local.codec.id) + data
             self.preamble_sent = True
         try:
-            self.stream.sendall(data)
+            # bounded: this may run after the handshake's own deadline has passed
+            with gevent.Timeout(REFUSE_TIMEOUT, False):
+                self.stream.sendall(data)
         except OSError:
             pass
         return HandshakeError(text, reason, self.remote_id)
@@ -171,6 +176,8 @@ def outbound(stream: Any, local: Local) -> tuple[PeerInfo, FrameReader]:
         ex.check_ack(ex.next_message("ack"), hello, nonce)
     except ProtocolError as exc:
         raise ex.refuse(exc.reason, str(exc)) from None
+    except HandshakeTimeout:
+        raise ex.refuse(DisconnectReason.HANDSHAKE_TIMEOUT, "handshake timed out") from None
     return ex.info(hello, "outbound"), ex.reader
 
 
@@ -192,6 +199,10 @@ def inbound(stream: Any, local: Local) -> tuple[PeerInfo, FrameReader, bytes]:
         ex.check_ack(ex.next_message("ack"), hello, nonce)
     except ProtocolError as exc:
         raise ex.refuse(exc.reason, str(exc)) from None
+    except HandshakeTimeout:
+        if not ex.preamble_sent:  # a scanner or silent socket gets nothing at all
+            raise
+        raise ex.refuse(DisconnectReason.HANDSHAKE_TIMEOUT, "handshake timed out") from None
     return ex.info(hello, "inbound"), ex.reader, ex.make_ack(hello)
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from gp2p.errors import ProtocolError
+from gp2p.errors import EncodeError, ProtocolError
 from gp2p.identity import SIGNATURE_SIZE, is_node_id
 
-__all__ = ["validate", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
+__all__ = ["validate", "check_outgoing", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
            "RESERVED_PREFIX"]
 
 NONCE_SIZE = 32
@@ -118,3 +118,37 @@ def validate(msg: Any) -> str:
             if name in msg and not check(msg[name]):
                 raise ProtocolError(f"{mtype}: bad field {name!r}")
     return mtype
+
+
+_SCALARS = (type(None), bool, int, float, str, bytes)
+MAX_DEPTH = 100
+
+
+def check_outgoing(kind: Any, payload: Any) -> None:
+    """Refuse, before anything is sent, what the receiving side would have to reject.
+
+    A kind must be a non-empty string of at most 256 characters outside the reserved
+    ``gp2p.`` prefix; dict keys in the payload must be strings. Raises
+    :class:`~gp2p.errors.EncodeError` (a ``ValueError``).
+    """
+    if not _nonempty_str(kind):
+        raise EncodeError(f"a message kind is a string of 1 to {MAX_NAME} characters, not {kind!r}")
+    if kind.startswith(RESERVED_PREFIX):
+        raise EncodeError(f"kind {kind!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+    if type(payload) not in _SCALARS:
+        _check_value(payload, 0)
+
+
+def _check_value(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise EncodeError(f"payload nested deeper than {MAX_DEPTH} levels")
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise EncodeError(f"payload dict keys must be str, not {type(key).__name__}")
+            if type(item) not in _SCALARS:
+                _check_value(item, depth + 1)
+    elif type(value) in (list, tuple):
+        for item in value:
+            if type(item) not in _SCALARS:
+                _check_value(item, depth + 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from gevent.event import Event
 
@@ -15,7 +15,7 @@ from gp2p.dispatch import Context, Dispatcher
 from gp2p.errors import DisconnectReason, PeerGone
 from gp2p.handshake import Local
 from gp2p.identity import Identity, short_id
-from gp2p.messages import RESERVED_PREFIX
+from gp2p.messages import check_outgoing
 from gp2p.metrics import Metrics
 from gp2p.peer import Peer
 from gp2p.peermanager import PeerManager
@@ -233,7 +233,7 @@ class Node:
         Waits up to ``send_timeout`` for room in the peer's out-queue; raises
         :class:`PeerGone` if the peer is not connected (or is closed as too slow).
         """
-        _check_kind(kind)
+        check_outgoing(kind, payload)
         self._resolve(peer_or_id).send_message({"type": "msg", "kind": kind, "payload": payload})
 
     def _route(self, peer: Peer, mtype: str, msg: dict) -> None:
@@ -254,9 +254,3 @@ class Node:
     def _peer_disconnected(self, peer: Peer, reason: DisconnectReason) -> None:
         self._dispatcher.submit_final(peer, self._dispatcher.emit, "peer_disconnected", peer, reason)
 
-
-def _check_kind(kind: str) -> None:
-    if not isinstance(kind, str) or not kind:
-        raise ValueError(f"a message kind is a non-empty string, not {kind!r}")
-    if kind.startswith(RESERVED_PREFIX):
-        raise ValueError(f"kind {kind!r} uses the reserved prefix {RESERVED_PREFIX!r}")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import gevent
 from gevent.event import AsyncResult, Event
 
-from gp2p.errors import DisconnectReason, PeerGone, PeerTimeout, ProtocolError
+from gp2p.errors import DisconnectReason, FrameTooLarge, PeerGone, PeerTimeout, ProtocolError
 from gp2p.identity import short_id
 from gp2p.messages import validate
 from gp2p.tasks import GroupClosed, TaskGroup
@@ -61,6 +61,8 @@ class Peer:
         self.info = info
         #: the node that dialled this connection (duplicates keep the smaller one's)
         self.dialer_id: str = local.identity.id if info.direction == "outbound" else info.id
+        #: the address we dialled to reach it (outbound only)
+        self.dialed_address: str | None = None
         self.state = READY
         self.close_reason: DisconnectReason | None = None
         self.connected_at = _now()
@@ -175,7 +177,7 @@ class Peer:
     def _frame(self, msg: dict) -> bytes:
         body = self._encode(msg)
         if len(body) > self._max_frame:
-            raise ProtocolError(f"message of {len(body)} bytes is above max_frame_size")
+            raise FrameTooLarge(f"message of {len(body)} bytes is above max_frame_size {self._max_frame}")
         return len(body).to_bytes(4, "big") + body
 
     def _append(self, data: bytes) -> None:

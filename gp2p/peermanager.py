@@ -207,15 +207,21 @@ class PeerManager:
 
     def _handshake_failed(self, stream: Any, reason: DisconnectReason, exc: BaseException) -> None:
         self.metrics.inc(f"handshake_failed.{reason.name}")
-        level = logging.DEBUG if reason in (DisconnectReason.DUPLICATE, DisconnectReason.SELF_CONNECTION) else logging.INFO
-        log.log(level, "handshake with %s failed: %s (%s)", stream.remote_address, reason.name, exc)
+        quiet = reason in (DisconnectReason.DUPLICATE, DisconnectReason.SELF_CONNECTION)
+        log.log(logging.DEBUG if quiet else logging.INFO, "handshake with %s failed: %s (%s)",
+                stream.remote_address, reason.name, exc)
 
     # -- outbound ----------------------------------------------------------------------
 
     def find(self, address: str) -> Peer | None:
-        """The ready peer whose listen address is ``address``, if any."""
+        """The ready peer known to listen at ``address``, if any.
+
+        A peer's own claim counts only when it matches the IP its socket comes from, so a
+        peer cannot stop us dialling an address by claiming it.
+        """
+        host = address.rpartition(":")[0].strip("[]")
         for peer in self.by_id.values():
-            if peer.address == address:
+            if peer.dialed_address == address or (peer.address == address and peer.remote_ip == host):
                 return peer
         return None
 
@@ -246,6 +252,7 @@ class PeerManager:
             stream.close()
             raise PeerGone("node is stopping")
         peer = self._make_peer(info, stream, reader)
+        peer.dialed_address = address
         peer.start()
         if not self._register(peer):
             survivor = self.by_id.get(peer.id)

@@ -126,11 +126,10 @@ class FrameReader:
             if self._raw[:len(MAGIC)] != MAGIC[:len(self._raw)]:
                 break  # wrong magic: no need to wait for the rest
         data = bytes(self._raw[:PREAMBLE_SIZE])
-        rest = self._raw[PREAMBLE_SIZE:]
-        self._raw = bytearray()
+        # bytes after the preamble wait for read_frames(): the caller checks the preamble
+        # first, and a frame error is raised where frames are read
+        del self._raw[:PREAMBLE_SIZE]
         self._preamble_done = True
-        if rest:
-            self._ready.extend(self._decoder.feed(rest))
         return data
 
     def read_frames(self) -> deque[bytes]:
@@ -139,6 +138,9 @@ class FrameReader:
         The returned deque is the reader's own: consume it before calling again.
         """
         ready = self._ready
+        if self._raw:
+            rest, self._raw = self._raw, bytearray()
+            ready.extend(self._decoder.feed(rest))
         while not ready:
             ready.extend(self._decoder.feed(self._recv()))
         return ready
@@ -150,4 +152,4 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return self._decoder.buffered + sum(len(f) for f in self._ready)
+        return len(self._raw) + self._decoder.buffered + sum(len(f) for f in self._ready)

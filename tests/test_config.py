@@ -61,3 +61,9 @@ def test_backoff_grows_caps_and_jitters():
     assert backoff_delay(4, base=1, draw=0.5) == 8
     assert backoff_delay(50, base=1, cap=60, draw=0.5) == 60
     assert backoff_delay(3, base=1, draw=0.0) == 2 and backoff_delay(3, base=1, draw=0.999) < 6
+
+
+def test_replace_keeps_a_defaulted_send_timeout_following_peer_timeout():
+    c = Config().replace(peer_timeout=12.0)
+    assert c.send_timeout == 12.0
+    assert Config(send_timeout=3.0).replace(peer_timeout=12.0).send_timeout == 3.0

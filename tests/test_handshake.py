@@ -2,7 +2,6 @@
 import gevent
 import pytest
 
-import gp2p
 from gp2p import DisconnectReason, HandshakeError
 from gp2p.testing import wait_until
 

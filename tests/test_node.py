@@ -157,3 +157,26 @@ def test_shutdown_reason_reaches_the_remote(nodes):
     b.connect(a.address)
     b.stop()
     wait_until(lambda: reasons == [DisconnectReason.SHUTDOWN])
+
+
+def test_bad_outgoing_messages_are_refused_before_sending(nodes):
+    a, b = nodes.make(), nodes.make()
+    got = []
+    b.on("ok")(lambda peer, payload: got.append(payload))
+    peer = a.connect(b.address)
+    for kind, payload in [("x" * 257, 1), ("ok", {1: "int key"}), ("ok", [{"a": {(1, 2): 3}}]),
+                          ("ok", object())]:
+        with pytest.raises(gp2p.EncodeError):
+            a.send(peer, kind, payload)
+    with pytest.raises(gp2p.FrameTooLarge):
+        a.send(peer, "ok", b"x" * (a.config.max_frame_size + 1))
+    a.send(peer, "ok", {"nested": [{"deep": b"bytes"}]})  # the connection survived all that
+    wait_until(lambda: got == [{"nested": [{"deep": b"bytes"}]}])
+
+
+def test_a_claimed_listen_address_does_not_stop_us_dialling_it(nodes):
+    target = nodes.make()
+    liar = nodes.make(advertise=target.address)  # claims to be target
+    a = nodes.make()
+    assert a.connect(liar._listener.address).id == liar.id
+    assert a.connect(target.address).id == target.id
