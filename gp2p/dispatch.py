@@ -166,13 +166,23 @@ class Dispatcher:
         self._quiet.clear()
         if not inbox.scheduled:
             inbox.scheduled = True
-            self._ready.put(inbox)
-            if self._idle == 0 and self._workers < self._concurrency and self._tasks is not None:
-                try:
-                    self._tasks.spawn(f"worker:{self._workers + 1}", self._work)
-                    self._workers += 1
-                except GroupClosed:
-                    pass  # the node is stopping: what is queued now is dropped
+            self._schedule(inbox)
+
+    def _schedule(self, inbox: Inbox) -> None:
+        """Put ``inbox`` in the ready queue, adding a worker if none is free to take it.
+
+        Idle workers already woken for inboxes queued earlier are not free: one more is
+        needed whenever the queue holds more inboxes than there are idle workers, or a
+        handler blocking in every worker would stall the inboxes behind it.
+        """
+        self._ready.put(inbox)
+        if (self._ready.qsize() > self._idle and self._workers < self._concurrency
+                and self._tasks is not None):
+            try:
+                self._tasks.spawn(f"worker:{self._workers + 1}", self._work)
+                self._workers += 1
+            except GroupClosed:
+                pass  # the node is stopping: what is queued now is dropped
 
     @property
     def pending(self) -> int:
@@ -181,6 +191,7 @@ class Dispatcher:
 
     def close(self) -> None:
         """Let every worker finish once the queue ahead of it is done."""
+        self._tasks = None  # no new workers from now on
         for _ in range(self._workers):
             self._ready.put(None)
         self._workers = 0
@@ -200,7 +211,7 @@ class Dispatcher:
             items = inbox.items
             fn, args = items.popleft()
             if items:
-                ready.put(inbox)
+                self._schedule(inbox)
             else:
                 inbox.scheduled = False
             if len(items) < inbox.maxsize and not inbox.room.is_set():
@@ -228,10 +239,16 @@ class Dispatcher:
         if handler.validate is not None and not self._valid(handler, peer, payload):
             return
         self._metrics.inc("delivered")
-        if handler.context:
-            handler.fn(peer, payload, ctx)
-        else:
-            handler.fn(peer, payload)
+        try:
+            if handler.context:
+                handler.fn(peer, payload, ctx)
+            else:
+                handler.fn(peer, payload)
+        except Exception:
+            # logged here, so that the log names the app's handler rather than deliver()
+            self._metrics.inc("handler_errors")
+            log.exception("handler %s of %r failed on a message from %r",
+                          _describe(handler.fn), kind, peer)
 
     def _valid(self, handler: Handler, peer: Any, payload: Any) -> bool:
         try:

@@ -7,6 +7,7 @@ prefers dialling groups it is not yet connected to. Tests fake distinct hosts wi
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -27,6 +28,7 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+@functools.lru_cache(maxsize=4096)
 def network_group(host: str) -> str:
     """The network group of ``host``: ``"127.5.0.0/16"``, ``"2001:db8::/32"`` or the name.
 
@@ -35,8 +37,10 @@ def network_group(host: str) -> str:
     ip = _ip(host)
     if ip is None:
         return host.strip().lower().rstrip(".")
-    prefix = 16 if ip.version == 4 else 32
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    if ip.version == 4:
+        first, second = ip.packed[:2]
+        return f"{first}.{second}.0.0/16"
+    return f"{ipaddress.IPv6Address(ip.packed[:4] + bytes(12))}/32"
 
 
 def _valid_hostname(host: str) -> bool:
