@@ -68,26 +68,34 @@ def _describe(fn: Callable) -> str:
 class Inbox:
     """One peer's queue of work items ``(fn, args)``."""
 
-    __slots__ = ("peer", "items", "maxsize", "room", "scheduled")
+    __slots__ = ("peer", "items", "maxsize", "room", "scheduled", "requests", "blocked")
 
     def __init__(self, peer: Any, maxsize: int):
         self.peer = peer
-        self.items: deque[tuple[Callable, tuple]] = deque()
+        self.items: deque[tuple[Callable, tuple, bool]] = deque()
         self.maxsize = maxsize
         self.room = Event()
         self.scheduled = False
+        #: inbound requests of this peer running now
+        self.requests = 0
+        #: a request waits at the head for one of the running ones to finish
+        self.blocked = False
 
 
 class Dispatcher:
     """Handler registry, event listeners, inboxes and workers."""
 
-    def __init__(self, metrics: Any, concurrency: int = 100, inbox_size: int = 1000):
+    def __init__(self, metrics: Any, concurrency: int = 100, inbox_size: int = 1000,
+                 max_requests: int = 256):
         self.handlers: dict[str, Handler] = {}
         self.listeners: dict[str, list[Callable]] = {name: [] for name in EVENTS}
         self._tasks: TaskGroup | None = None
         self._metrics = metrics
         self._concurrency = concurrency
         self._inbox_size = inbox_size
+        self._max_requests = max_requests
+        #: our own deliveries (broadcasts we originate), with ``peer=None``
+        self._local = Inbox(None, inbox_size)
         self._ready: Queue = Queue()
         self._workers = 0
         self._idle = 0
@@ -143,6 +151,18 @@ class Dispatcher:
         Called from the peer's reader: waiting here is what pushes back on the sender. The
         wait suspends the peer's liveness deadline. False if the peer closed meanwhile.
         """
+        return self._submit(peer, fn, args, False)
+
+    def submit_request(self, peer: Any, fn: Callable, *args: Any) -> bool:
+        """Like :meth:`submit`, for an inbound request: at most ``max_requests`` of one
+        peer run at once; the next one (and what follows it) waits in the inbox."""
+        return self._submit(peer, fn, args, True)
+
+    def submit_local(self, fn: Callable, *args: Any) -> None:
+        """Queue work of the node itself (its own broadcasts); never waits."""
+        self._put(self._local, fn, args)
+
+    def _submit(self, peer: Any, fn: Callable, args: tuple, is_request: bool) -> bool:
         inbox = peer.inbox
         if len(inbox.items) >= inbox.maxsize:
             self._metrics.inc("inbox_full")
@@ -152,7 +172,7 @@ class Dispatcher:
                     inbox.room.wait()
             if peer.closed:
                 return False
-        self._put(inbox, fn, args)
+        self._put(inbox, fn, args, is_request)
         return True
 
     def submit_final(self, peer: Any, fn: Callable, *args: Any) -> None:
@@ -161,10 +181,10 @@ class Dispatcher:
         inbox.room.set()
         self._put(inbox, fn, args)
 
-    def _put(self, inbox: Inbox, fn: Callable, args: tuple) -> None:
-        inbox.items.append((fn, args))
+    def _put(self, inbox: Inbox, fn: Callable, args: tuple, is_request: bool = False) -> None:
+        inbox.items.append((fn, args, is_request))
         self._quiet.clear()
-        if not inbox.scheduled:
+        if not inbox.scheduled and not inbox.blocked:
             inbox.scheduled = True
             self._schedule(inbox)
 
@@ -209,7 +229,12 @@ class Dispatcher:
             if inbox is None:
                 return
             items = inbox.items
-            fn, args = items.popleft()
+            fn, args, is_request = items[0]
+            if is_request and inbox.requests >= self._max_requests:
+                inbox.scheduled = False  # back in the queue when a request finishes
+                inbox.blocked = True
+                continue
+            items.popleft()
             if items:
                 self._schedule(inbox)
             else:
@@ -217,6 +242,8 @@ class Dispatcher:
             if len(items) < inbox.maxsize and not inbox.room.is_set():
                 inbox.room.set()
             self._busy += 1
+            if is_request:
+                inbox.requests += 1
             try:
                 fn(*args)
             except Exception:
@@ -224,8 +251,18 @@ class Dispatcher:
                 log.exception("handler %s failed", _describe(fn))
             finally:
                 self._busy -= 1
+                if is_request:
+                    self._request_done(inbox)
                 if not self._busy and not ready.qsize():
                     self._quiet.set()
+
+    def _request_done(self, inbox: Inbox) -> None:
+        inbox.requests -= 1
+        if inbox.blocked:
+            inbox.blocked = False
+            if inbox.items and not inbox.scheduled:
+                inbox.scheduled = True
+                self._schedule(inbox)
 
     # -- what workers run --------------------------------------------------------------
 
@@ -236,21 +273,14 @@ class Dispatcher:
             self._metrics.inc("unhandled")
             log.debug("no handler for %r from %r", kind, peer)
             return
-        if handler.validate is not None and not self._valid(handler, peer, payload):
-            return
-        self._metrics.inc("delivered")
-        try:
-            if handler.context:
-                handler.fn(peer, payload, ctx)
-            else:
-                handler.fn(peer, payload)
-        except Exception:
-            # logged here, so that the log names the app's handler rather than deliver()
-            self._metrics.inc("handler_errors")
-            log.exception("handler %s of %r failed on a message from %r",
-                          _describe(handler.fn), kind, peer)
+        if self.check(handler, peer, payload):
+            self.call(handler, peer, payload, ctx)
 
-    def _valid(self, handler: Handler, peer: Any, payload: Any) -> bool:
+    def check(self, handler: Handler, peer: Any, payload: Any) -> bool:
+        """Run the kind's validation hook, if any; a rejection (False or an exception) is
+        counted, and counted against the sending peer as misbehaviour."""
+        if handler.validate is None:
+            return True
         try:
             ok = bool(handler.validate(peer, payload))
         except Exception:
@@ -258,7 +288,25 @@ class Dispatcher:
             ok = False
         if not ok:
             self._metrics.inc("rejected")
+            if peer is not None:
+                peer.misbehaviour += 1
         return ok
+
+    def invoke(self, handler: Handler, peer: Any, payload: Any, ctx: Context) -> Any:
+        """Call the handler and return its value; exceptions propagate."""
+        self._metrics.inc("delivered")
+        if handler.context:
+            return handler.fn(peer, payload, ctx)
+        return handler.fn(peer, payload)
+
+    def call(self, handler: Handler, peer: Any, payload: Any, ctx: Context) -> None:
+        """Call the handler; an exception is logged with the handler's name and counted."""
+        try:
+            self.invoke(handler, peer, payload, ctx)
+        except Exception:
+            self._metrics.inc("handler_errors")
+            log.exception("handler %s of %r failed on a message from %r",
+                          _describe(handler.fn), handler.kind, peer)
 
     def emit(self, name: str, *args: Any) -> None:
         """Call every listener of ``name`` (a worker item); one failing does not stop the rest."""

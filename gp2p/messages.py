@@ -10,7 +10,7 @@ from typing import Any, Callable
 from gp2p.errors import EncodeError, ProtocolError
 from gp2p.identity import SIGNATURE_SIZE, is_node_id
 
-__all__ = ["validate", "check_outgoing", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
+__all__ = ["validate", "check_outgoing", "check_payload", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
            "RESERVED_PREFIX"]
 
 NONCE_SIZE = 32
@@ -135,6 +135,12 @@ def check_outgoing(kind: Any, payload: Any) -> None:
         raise EncodeError(f"a message kind is a string of 1 to {MAX_NAME} characters, not {kind!r}")
     if kind.startswith(RESERVED_PREFIX):
         raise EncodeError(f"kind {kind!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+    check_payload(payload)
+
+
+def check_payload(payload: Any) -> None:
+    """Raise :class:`~gp2p.errors.EncodeError` for a payload with non-str dict keys or
+    nesting deeper than 100 levels (other bad values fail in the codec)."""
     if type(payload) not in _SCALARS:
         _check_value(payload, 0)
 

@@ -12,6 +12,7 @@ from gp2p import transport
 from gp2p.codec import by_name
 from gp2p.config import Config
 from gp2p.dispatch import Context, Dispatcher
+from gp2p.gossip import Gossip
 from gp2p.errors import DisconnectReason, PeerGone
 from gp2p.handshake import Local
 from gp2p.identity import Identity, short_id
@@ -19,14 +20,15 @@ from gp2p.messages import check_outgoing
 from gp2p.metrics import Metrics
 from gp2p.peer import Peer
 from gp2p.peermanager import PeerManager
+from gp2p.rpc import Rpc
 from gp2p.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Node"]
 
-#: message types other layers will handle; until then they are counted and ignored
-_LATER_TYPES = frozenset(("getaddr", "addr", "gossip", "request", "response"))
+#: message types the discovery layer will handle; until then they are counted and ignored
+_LATER_TYPES = frozenset(("getaddr", "addr"))
 
 
 class Node:
@@ -51,7 +53,9 @@ class Node:
         self._started = False
         self._closed = False
         self._dispatcher = Dispatcher(self.metrics, self.config.handler_concurrency,
-                                      self.config.inbox_size)
+                                      self.config.inbox_size, self.config.max_requests_per_peer)
+        self._gossip: Gossip | None = None
+        self._rpc = Rpc(self.metrics, self._dispatcher)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._started else "new"
@@ -119,7 +123,10 @@ class Node:
                                 agent=cfg.agent)
             self._pm = PeerManager(cfg, self._local, self.tasks, self.metrics, route=self._route,
                                    attach=self._dispatcher.attach, connected=self._peer_connected,
-                                   disconnected=self._peer_disconnected, on_error=self._crashed)
+                                   disconnected=self._peer_disconnected, closed=self._rpc.peer_closed,
+                                   on_error=self._crashed)
+            self._gossip = Gossip(self.identity.id, cfg, self.metrics, self._dispatcher,
+                                  peers=self._pm.by_id.values, encode=self._local.encode)
             if cfg.listen is not None:
                 self._listener = transport.listen(cfg.listen, self._pm.handle_inbound,
                                                   cfg.max_inbound + cfg.max_pending,
@@ -236,12 +243,43 @@ class Node:
         check_outgoing(kind, payload)
         self._resolve(peer_or_id).send_message({"type": "msg", "kind": kind, "payload": payload})
 
+    def broadcast(self, kind: str, payload: Any = None) -> str:
+        """Send ``payload`` to the handler of ``kind`` on every node of the network, once
+        each, this node's included (with ``peer=None``); return the message id (hex).
+
+        Waits up to ``send_timeout`` per peer for room in its out-queue (a peer that stays
+        full is closed with SLOW_PEER and skipped).
+        """
+        check_outgoing(kind, payload)
+        self._require_started()
+        return self._gossip.broadcast(kind, payload)
+
+    def request(self, peer_or_id: Peer | str, kind: str, payload: Any = None,
+                timeout: float = 5.0) -> Any:
+        """Ask one peer's handler of ``kind`` and return what it returns.
+
+        Blocks only the calling greenlet. Raises :class:`RemoteError` when the remote
+        handler raised (``.type``, ``.message``), when nobody handles ``kind`` there
+        (type ``NoHandler``) or its answer cannot be encoded (``EncodeError``);
+        :class:`RequestTimeout` after ``timeout`` seconds; :class:`PeerGone` when the
+        peer is not connected or goes away first.
+        """
+        check_outgoing(kind, payload)
+        self._require_started()
+        return self._rpc.request(self._resolve(peer_or_id), kind, payload, timeout)
+
     def _route(self, peer: Peer, mtype: str, msg: dict) -> None:
         """Everything a peer's reader does not handle itself."""
         if mtype == "msg":
             dispatcher = self._dispatcher
             dispatcher.submit(peer, dispatcher.deliver, peer, msg["kind"], msg["payload"],
                               Context("send", peer.id))
+        elif mtype == "gossip":
+            self._gossip.on_frame(peer, msg)
+        elif mtype == "request":
+            self._rpc.on_request(peer, msg)
+        elif mtype == "response":
+            self._rpc.on_response(peer, msg)
         elif mtype in _LATER_TYPES:
             self.metrics.inc(f"ignored.{mtype}")
         else:

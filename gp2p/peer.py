@@ -61,6 +61,8 @@ class Peer:
         self.info = info
         #: the node that dialled this connection (duplicates keep the smaller one's)
         self.dialer_id: str = local.identity.id if info.direction == "outbound" else info.id
+        #: messages of this peer its validation hooks rejected
+        self.misbehaviour = 0
         #: the address we dialled to reach it (outbound only)
         self.dialed_address: str | None = None
         self.state = READY
@@ -187,12 +189,16 @@ class Peer:
             self._wake.set()
 
     def send_message(self, msg: dict, timeout: float | None = None) -> None:
-        """Queue ``msg``, waiting up to ``timeout`` (default ``send_timeout``) for room.
+        """Encode and queue ``msg``, waiting up to ``timeout`` (default ``send_timeout``)
+        for room. See :meth:`send_frame`. Encoding errors propagate."""
+        self.send_frame(self._frame(msg), timeout)
+
+    def send_frame(self, data: bytes, timeout: float | None = None) -> None:
+        """Queue an encoded frame, waiting up to ``timeout`` for room in the out-queue.
 
         Raises :class:`PeerGone` if the peer is closed, or closes it with SLOW_PEER and
-        raises :class:`PeerGone` when no room frees in time. Encoding errors propagate.
+        raises :class:`PeerGone` when no room frees in time.
         """
-        data = self._frame(msg)
         if self.state != READY:
             raise PeerGone(f"{self!r} is not connected")
         if self._out_bytes + len(data) > self._out_limit and self._out:
@@ -211,13 +217,19 @@ class Peer:
                 raise PeerGone(f"{self!r} closed: {self.close_reason.name}")
 
     def send_nowait(self, msg: dict) -> bool:
-        """Queue a frame the node makes itself; never waits.
+        """Queue a message the node makes itself; never waits (see :meth:`send_frame_nowait`)."""
+        if self.state != READY:
+            return False
+        return self.send_frame_nowait(self._frame(msg))
 
-        If it does not fit, the peer is closed with SLOW_PEER and False is returned.
+    def send_frame_nowait(self, data: bytes) -> bool:
+        """Queue an encoded frame the node makes itself (pongs, relays, responses).
+
+        Never waits: if it does not fit, the peer is closed with SLOW_PEER and False is
+        returned.
         """
         if self.state != READY:
             return False
-        data = self._frame(msg)
         if self._out_bytes + len(data) > self._out_limit and self._out:
             self.close(DisconnectReason.SLOW_PEER, "out-queue full")
             return False

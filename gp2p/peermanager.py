@@ -48,6 +48,7 @@ class PeerManager:
                  route: Callable[[Peer, str, dict], None], attach: Callable[[Peer], None],
                  connected: Callable[[Peer], None],
                  disconnected: Callable[[Peer, DisconnectReason], None],
+                 closed: Callable[[Peer, DisconnectReason], None] | None = None,
                  on_error: Callable | None = None):
         self.config = config
         self.local = local
@@ -57,6 +58,7 @@ class PeerManager:
         self._attach = attach
         self._connected = connected
         self._disconnected = disconnected
+        self._closed = closed
         self._on_error = on_error
         self.by_id: dict[str, Peer] = {}
         self.connections: set[Peer] = set()
@@ -131,6 +133,8 @@ class PeerManager:
 
     def _peer_closed(self, peer: Peer, reason: DisconnectReason) -> None:
         self.connections.discard(peer)
+        if self._closed is not None:
+            self._closed(peer, reason)
         self.metrics.inc(f"disconnects.{reason.name}")
         if self.by_id.get(peer.id) is not peer:
             return  # a losing duplicate: the app never saw it
