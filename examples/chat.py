@@ -1,12 +1,16 @@
-"""A chat between terminals: every line you type goes to every connected peer.
+"""A chat room between terminals: every line you type reaches every node of the network.
 
     python examples/chat.py --listen 127.0.0.2:7001 --nick alice
     python examples/chat.py --listen 127.0.0.3:0 --connect 127.0.0.2:7001 --nick bob
+    python examples/chat.py --listen 127.0.0.4:0 --connect 127.0.0.3:<bob's port> --nick carol
 
-Lines from others appear as ``<nick> text``; peers joining and leaving as
-``* <id> joined (direction)`` / ``* <id> left (reason)``. End with Ctrl-D (EOF), Ctrl-C or
-SIGTERM. The example does not monkey-patch: it reads stdin through gevent's cooperative
-file object, so waiting for you to type never blocks the node.
+Each line is sent with ``node.broadcast``, so it reaches nodes you are not connected to:
+above, carol sees alice's lines relayed by bob (add ``--target-outbound 0`` to keep every
+node to its ``--connect`` peers, else discovery may link carol to alice directly).
+Lines from others appear as ``<nick> text`` (your own are not echoed); your direct peers
+joining and leaving as ``* <id> joined (direction)`` / ``* <id> left (reason)``. End with
+Ctrl-D (EOF), Ctrl-C or SIGTERM. The example does not monkey-patch: it reads stdin through
+gevent's cooperative file object, so waiting for you to type never blocks the node.
 """
 import argparse
 import os
@@ -25,15 +29,10 @@ def say(text):
 
 
 def type_lines(node, nick):
-    """Send each line read from stdin to every peer; stop the node at EOF."""
+    """Broadcast each line read from stdin to the room; stop the node at EOF."""
     stdin = FileObjectPosix(sys.stdin.fileno(), "r", close=False)
     for line in stdin:
-        text = line.rstrip("\n")
-        for peer in node.peers:
-            try:
-                node.send(peer, "chat.line", {"nick": nick, "text": text})
-            except gp2p.PeerGone:
-                pass  # it left while we were sending; its "left" line is on its way
+        node.broadcast("chat.line", {"nick": nick, "text": line.rstrip("\n")})
     node.stop()
 
 
@@ -43,13 +42,23 @@ def main():
     parser.add_argument("--connect", action="append", default=[], metavar="HOST:PORT",
                         help="a peer to stay connected to (repeatable)")
     parser.add_argument("--nick", default=os.environ.get("USER", "anon"))
+    parser.add_argument("--target-outbound", type=int, default=gp2p.Config.target_outbound,
+                        help="peers found by discovery to dial besides --connect (0: none)")
     args = parser.parse_args()
 
-    node = gp2p.Node(listen=args.listen, persistent_peers=args.connect)
+    node = gp2p.Node(listen=args.listen, persistent_peers=args.connect,
+                     target_outbound=args.target_outbound)
 
-    @node.on("chat.line")
+    def well_formed(peer, payload):
+        # a malformed line is dropped here and, since a broadcast is relayed only once
+        # accepted, goes no further than this node
+        return (isinstance(payload, dict) and isinstance(payload.get("nick"), str)
+                and isinstance(payload.get("text"), str))
+
+    @node.on("chat.line", validate=well_formed)
     def show_line(peer, payload):
-        say(f"<{payload['nick']}> {payload['text']}")
+        if peer is not None:  # None: our own line, which the terminal already shows
+            say(f"<{payload['nick']}> {payload['text']}")
 
     @node.on_event("peer_connected")
     def joined(peer):

@@ -38,7 +38,7 @@ from gp2p.config import parse_address
 from gp2p.identity import is_node_id
 from gp2p.netgroup import canonical_address, network_group
 
-__all__ = ["AddressBook", "AddressEntry", "network_group", "canonical_address"]
+__all__ = ["AddressBook", "AddressEntry", "layout_for", "network_group", "canonical_address"]
 
 DAY = 86400.0
 #: default layout: 256 x 32 = 8192 new + 64 x 32 = 2048 tried = 10240 entries
@@ -103,6 +103,16 @@ class AddressEntry:
         return weight
 
 
+def layout_for(capacity: int) -> dict[str, int]:
+    """The bucket layout of a book holding at most ``capacity`` entries, a fifth tried."""
+    if capacity < 2:
+        raise ValueError("capacity must be at least 2")
+    size = min(BUCKET_SIZE, max(1, capacity // 10))
+    buckets = max(2, capacity // size)
+    tried = max(1, buckets // 5)
+    return {"new_buckets": buckets - tried, "tried_buckets": tried, "bucket_size": size}
+
+
 class AddressBook:
     """Known peer addresses in bounded *new* and *tried* tables.
 
@@ -151,12 +161,7 @@ class AddressBook:
 
         ``AddressBook.with_capacity(1024)`` gives 26 new + 6 tried buckets of 32 slots.
         """
-        if capacity < 2:
-            raise ValueError("capacity must be at least 2")
-        size = min(BUCKET_SIZE, max(1, capacity // 10))
-        buckets = max(2, capacity // size)
-        tried = max(1, buckets // 5)
-        return cls(secret, new_buckets=buckets - tried, tried_buckets=tried, bucket_size=size, **kwargs)
+        return cls(secret, **layout_for(capacity), **kwargs)
 
     def __repr__(self) -> str:
         return f"<AddressBook new={self.new_count} tried={self.tried_count} capacity={self.capacity}>"

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "to converge, exchange messages, print the figures. "
                                        "Exit 1 if it did not converge or a delivery was missed.")
     swarm.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
-    swarm.add_argument("--outbound", type=int, default=3, help="seeds dialled per node (default 3)")
+    swarm.add_argument("--outbound", type=int, default=8, help="outbound connections per node (default 8)")
     swarm.add_argument("--messages", type=int, default=5, help="messages each node sends each peer")
     swarm.add_argument("--heartbeat-interval", type=float, default=None, help="default 2.0 s")
     swarm.add_argument("--peer-timeout", type=float, default=None, help="default 5.0 s")

@@ -141,6 +141,10 @@ class Config:
     close_linger: float = 2.0
     #: free text sent in the hello
     agent: str = "gp2p"
+    #: most addresses the address book holds
+    max_addresses: int = 10240
+    #: how long a protocol violation keeps an IP refused and undialled
+    discourage_time: float = 600.0
 
     def __post_init__(self) -> None:
         self.bootstrap = split_list(self.bootstrap)
@@ -162,11 +166,12 @@ class Config:
 
     def _check_numbers(self) -> None:
         for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout",
-                     "connect_timeout", "send_timeout", "seen_ttl", "close_linger"):
+                     "connect_timeout", "send_timeout", "seen_ttl", "close_linger", "discourage_time"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
         for name in ("max_inbound", "max_pending", "max_per_ip", "target_outbound",
-                     "handler_concurrency", "max_requests_per_peer", "max_hops", "inbox_size"):
+                     "handler_concurrency", "max_requests_per_peer", "max_hops", "inbox_size",
+                     "max_addresses"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in ("max_inbound", "target_outbound") else 1):
                 raise ValueError(f"{name} must be a positive integer")

@@ -70,11 +70,13 @@ class HandshakeError(GP2PError):
     """The handshake failed; ``reason`` says why (sent by us or by the remote)."""
 
     def __init__(self, message: str, reason: DisconnectReason = DisconnectReason.PROTOCOL_ERROR,
-                 remote_id: str | None = None):
+                 remote_id: str | None = None, remote: bool = False):
         super().__init__(message)
         self.reason = reason
         #: the remote node id, when its hello arrived before the failure
         self.remote_id = remote_id
+        #: True when the remote sent the reason (it refused us), False when we decided
+        self.remote = remote
 
 
 class HandshakeTimeout(HandshakeError):

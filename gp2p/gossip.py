@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable
 
 from gp2p.dispatch import Context, Dispatcher
-from gp2p.errors import PeerGone
+from gp2p.errors import EncodeError, FrameTooLarge, PeerGone
 from gp2p.seencache import SeenCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Gossip:
         if not self.seen.add(msg["id"], now):
             self._metrics.inc("gossip.duplicates")
             return
+        peer.last_useful = time.monotonic()
         handler = self._dispatcher.handlers.get(msg["kind"])
         if handler is not None and handler.validate is not None:
             self._dispatcher.submit(peer, self._validate_then_deliver, peer, msg)
@@ -109,7 +110,14 @@ class Gossip:
         if hops >= self.max_hops:
             self._metrics.inc("gossip.hop_limit")
             return
-        data = self._encode({**msg, "hops": hops + 1})
+        try:
+            data = self._encode({**msg, "hops": hops + 1})
+        except (EncodeError, FrameTooLarge) as exc:
+            # our codec may not fit what the source's fitted (JSON grows bytes by a third);
+            # the source broke no rule, so it is not blamed and we still deliver
+            self._metrics.inc("gossip.unrelayable")
+            log.info("broadcast %s cannot be relayed: %s", msg["id"], exc)
+            return
         origin = msg["origin"]
         for peer in list(self._peers()):
             if peer.id != source.id and peer.id != origin:

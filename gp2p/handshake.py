@@ -108,7 +108,7 @@ class _Exchange:
             if mtype == "disconnect":
                 reason = DisconnectReason.from_wire(msg["reason"])
                 raise HandshakeError(f"remote refused: {reason.name} {msg.get('text', '')}".strip(),
-                                     reason, self.remote_id)
+                                     reason, self.remote_id, remote=True)
             if mtype == "hello":
                 self.remote_id = msg["id"]
             if mtype == expected:

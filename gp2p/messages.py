@@ -87,6 +87,7 @@ SCHEMAS: dict[str, dict[str, _Check]] = {
 }
 _OPTIONAL: dict[str, dict[str, _Check]] = {
     "disconnect": {"text": _short_str},
+    "addr": {"reply": lambda v: type(v) is bool},
     "response": {"payload": _any, "error": _error},
 }
 

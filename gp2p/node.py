@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 
 from gevent.event import Event
 
 from gp2p import transport
+from gp2p.addressbook import AddressBook, layout_for
+from gp2p.bans import BanList
 from gp2p.codec import by_name
+from gp2p.datadir import DataDir
+from gp2p.dialer import Dialer
+from gp2p.discovery import Discovery
 from gp2p.config import Config
 from gp2p.dispatch import Context, Dispatcher
 from gp2p.gossip import Gossip
@@ -27,8 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Node"]
 
-#: message types the discovery layer will handle; until then they are counted and ignored
-_LATER_TYPES = frozenset(("getaddr", "addr"))
+#: how often the address book and bans are saved to datadir (and at stop)
+SAVE_INTERVAL = 60.0
 
 
 class Node:
@@ -49,7 +53,12 @@ class Node:
         self._listener: transport.Listener | None = None
         self._pm: PeerManager | None = None
         self._stopped = Event()
+        self._closing = Event()
         self._failure: BaseException | None = None
+        self._datadir: DataDir | None = None
+        self._bans = BanList()
+        self._dialer: Dialer | None = None
+        self._discovery: Discovery | None = None
         self._started = False
         self._closed = False
         self._dispatcher = Dispatcher(self.metrics, self.config.handler_concurrency,
@@ -113,9 +122,12 @@ class Node:
         self._started = True
         cfg = self.config
         try:
+            book = AddressBook(**layout_for(cfg.max_addresses))
             if cfg.datadir:
-                os.makedirs(cfg.datadir, mode=0o700, exist_ok=True)
-                self.identity = Identity.load_or_create(os.path.join(cfg.datadir, "node.key"))
+                self._datadir = DataDir(cfg.datadir)
+                self.identity = self._datadir.identity()
+                book = self._datadir.load_book(cfg.max_addresses)
+                self._datadir.load_bans(self._bans)
             self.tasks = TaskGroup(f"node:{short_id(self.id)}", self._crashed)
             self._dispatcher.start(self.tasks)
             self._local = Local(identity=self.identity, network_id=cfg.network_id,
@@ -123,17 +135,26 @@ class Node:
                                 agent=cfg.agent)
             self._pm = PeerManager(cfg, self._local, self.tasks, self.metrics, route=self._route,
                                    attach=self._dispatcher.attach, connected=self._peer_connected,
-                                   disconnected=self._peer_disconnected, closed=self._rpc.peer_closed,
+                                   disconnected=self._peer_disconnected, ready=self._peer_ready,
+                                   closed=self._peer_closed, book=book, bans=self._bans,
                                    on_error=self._crashed)
+            self._dialer = Dialer(self._pm)
             self._gossip = Gossip(self.identity.id, cfg, self.metrics, self._dispatcher,
                                   peers=self._pm.by_id.values, encode=self._local.encode)
+            self._discovery = Discovery(book, self.metrics, node_id=self.identity.id,
+                                        own_address=lambda: self.address,
+                                        peers=self._pm.by_id.values, learned=self._dialer.wake)
             if cfg.listen is not None:
                 self._listener = transport.listen(cfg.listen, self._pm.handle_inbound,
                                                   cfg.max_inbound + cfg.max_pending,
                                                   on_error=self._crashed)
                 self._local.listen = self.address
+                book.set_own([self.address, self._listener.address], self.identity.id)
             self.metrics.gauge("peers", lambda: len(self._pm.by_id))
-            self._pm.start()
+            self.metrics.gauge("addresses", lambda: len(book))
+            self._dialer.start()
+            if self._datadir is not None:
+                self.tasks.spawn("saver", self._save_loop)
         except BaseException:
             self._shutdown(timeout=1.0)
             raise
@@ -163,10 +184,14 @@ class Node:
 
     def _shutdown(self, timeout: float) -> None:
         self._closed = True
+        self._closing.set()
         deadline = time.monotonic() + timeout
         if self._listener is not None:
             self._listener.close()
         pm = self._pm
+        if self._dialer is not None:
+            self._dialer.close()
+            pm.book.anchors = self._dialer.anchors()
         if pm is not None:
             pm.close()
             peers = list(pm.connections)
@@ -184,8 +209,22 @@ class Node:
                     peer.kill()
         if self.tasks is not None:
             self.tasks.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self._save()
         self._stopped.set()
         log.info("node %s stopped", short_id(self.id))
+
+    def _save(self) -> None:
+        if self._datadir is None or self._pm is None:
+            return
+        try:
+            self._datadir.save_book(self._pm.book)
+            self._datadir.save_bans(self._bans)
+        except OSError:
+            log.exception("could not save the address book or bans in %s", self._datadir.path)
+
+    def _save_loop(self) -> None:
+        while not self._closing.wait(SAVE_INTERVAL):
+            self._save()
 
     def serve_forever(self) -> None:
         """Start if needed, then block until the node stops; re-raise what crashed it."""
@@ -224,6 +263,32 @@ class Node:
     def _require_started(self) -> None:
         if not self._started or self._closed:
             raise RuntimeError(f"{self!r} is not running")
+
+    def ban(self, target: str, seconds: float = 24 * 3600.0) -> None:
+        """Ban an address or subnet (``"127.0.0.5"``, ``"127.0.0.0/24"``, ``"host:port"``
+        counts as its host) for ``seconds``: matching peers are disconnected with BANNED,
+        new connections from it are refused before their handshake, and it is not dialled.
+        Bans persist in ``datadir``."""
+        network = self._bans.ban(target, seconds, time.time())
+        log.info("banned %s for %gs", network, seconds)
+        if self._pm is not None:
+            for peer in list(self._pm.connections):
+                if self._bans.is_banned(peer.remote_ip, time.time()):
+                    peer.close(DisconnectReason.BANNED, "banned")
+        if self._datadir is not None:
+            self._datadir.save_bans(self._bans)
+
+    def unban(self, target: str) -> bool:
+        """Lift the ban on exactly ``target`` (as given to :meth:`ban`); True if there was one."""
+        found = self._bans.unban(target)
+        if found and self._datadir is not None:
+            self._datadir.save_bans(self._bans)
+        return found
+
+    @property
+    def banned(self) -> dict[str, float]:
+        """Active bans: subnet -> until (wall-clock seconds)."""
+        return self._bans.banned(time.time())
 
     def _resolve(self, peer_or_id: Peer | str) -> Peer:
         node_id = peer_or_id.id if isinstance(peer_or_id, Peer) else peer_or_id
@@ -271,20 +336,32 @@ class Node:
     def _route(self, peer: Peer, mtype: str, msg: dict) -> None:
         """Everything a peer's reader does not handle itself."""
         if mtype == "msg":
+            peer.last_useful = time.monotonic()
             dispatcher = self._dispatcher
             dispatcher.submit(peer, dispatcher.deliver, peer, msg["kind"], msg["payload"],
                               Context("send", peer.id))
         elif mtype == "gossip":
             self._gossip.on_frame(peer, msg)
         elif mtype == "request":
+            peer.last_useful = time.monotonic()
             self._rpc.on_request(peer, msg)
         elif mtype == "response":
             self._rpc.on_response(peer, msg)
-        elif mtype in _LATER_TYPES:
-            self.metrics.inc(f"ignored.{mtype}")
+        elif mtype == "addr":
+            self._discovery.on_addr(peer, msg)
+        elif mtype == "getaddr":
+            self._discovery.on_getaddr(peer, msg)
         else:
             self.metrics.inc("unknown_types")
             log.debug("ignored unknown message type %r from %r", mtype, peer)
+
+    def _peer_ready(self, peer: Peer) -> None:
+        self._discovery.peer_ready(peer)
+
+    def _peer_closed(self, peer: Peer, reason: DisconnectReason) -> None:
+        self._rpc.peer_closed(peer, reason)
+        self._discovery.peer_closed(peer)
+        self._dialer.wake()
 
     def _peer_connected(self, peer: Peer) -> None:
         self._dispatcher.submit_final(peer, self._dispatcher.emit, "peer_connected", peer)

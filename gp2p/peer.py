@@ -63,6 +63,11 @@ class Peer:
         self.dialer_id: str = local.identity.id if info.direction == "outbound" else info.id
         #: messages of this peer its validation hooks rejected
         self.misbehaviour = 0
+        #: monotonic time this peer last gave us something new (a message, a request, a
+        #: broadcast we had not seen); eviction protects recent ones
+        self.last_useful: float | None = None
+        #: the remote sent the ``disconnect`` (so its reason is its verdict, not ours)
+        self.closed_by_remote = False
         #: the address we dialled to reach it (outbound only)
         self.dialed_address: str | None = None
         self.state = READY
@@ -315,6 +320,7 @@ class Peer:
             self.send_nowait({"type": "pong", "nonce": msg["nonce"]})
         elif mtype == "disconnect":
             reason = DisconnectReason.from_wire(msg["reason"])
+            self.closed_by_remote = True
             self.close(reason, f"by remote: {msg.get('text', '')}".rstrip(": "), send=False)
         elif mtype in ("hello", "ack"):
             raise ProtocolError(f"{mtype} after the handshake")

@@ -9,13 +9,18 @@
   DUPLICATE without any event. When the remote closes our registered connection as a
   duplicate, ``peer_disconnected`` waits a short grace for the connection it kept, so that
   the swap stays invisible.
-- Dialling: seeds (``bootstrap``) at start and again while no peer is ready;
-  ``persistent_peers`` for ever, with exponential backoff and jitter.
+- Full inbound slots: a newcomer evicts an unprotected inbound peer (see
+  :mod:`gp2p.eviction`) or, when all are protected, is refused with TOO_MANY_PEERS.
+- Bans: a banned or discouraged source is refused at accept, before its handshake, and
+  never dialled. A protocol violation discourages the violator's IP for
+  ``discourage_time``.
+- Every dial goes through :meth:`PeerManager.connect`, which keeps the address book
+  informed (attempt, success -> *tried*, failure -> backoff). The loops that decide whom to
+  dial are in :mod:`gp2p.dialer`.
 """
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -24,10 +29,13 @@ import gevent
 from gevent.event import Event
 
 from gp2p import handshake, transport
-from gp2p.backoff import backoff_delay
-from gp2p.config import Config
-from gp2p.errors import DisconnectReason, GP2PError, HandshakeError, HandshakeTimeout, PeerGone, ProtocolError
+from gp2p.addressbook import AddressBook
+from gp2p.bans import BanList
+from gp2p.config import Config, parse_address
+from gp2p.errors import DisconnectReason, HandshakeError, HandshakeTimeout, PeerGone, ProtocolError
+from gp2p.eviction import Candidate, choose_eviction
 from gp2p.identity import short_id
+from gp2p.netgroup import network_group
 from gp2p.peer import Peer
 from gp2p.tasks import GroupClosed, TaskGroup
 
@@ -37,8 +45,9 @@ __all__ = ["PeerManager"]
 
 #: how long a duplicate swap may take before the app is told the peer left
 SWAP_GRACE = 2.0
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 60.0
+#: reasons that mean the remote broke the rules (when we, not they, closed for it)
+VIOLATIONS = frozenset((DisconnectReason.PROTOCOL_ERROR, DisconnectReason.FRAME_TOO_LARGE,
+                        DisconnectReason.BAD_SIGNATURE, DisconnectReason.MISBEHAVIOUR))
 
 
 class PeerManager:
@@ -48,7 +57,9 @@ class PeerManager:
                  route: Callable[[Peer, str, dict], None], attach: Callable[[Peer], None],
                  connected: Callable[[Peer], None],
                  disconnected: Callable[[Peer, DisconnectReason], None],
+                 ready: Callable[[Peer], None] | None = None,
                  closed: Callable[[Peer, DisconnectReason], None] | None = None,
+                 book: AddressBook | None = None, bans: BanList | None = None,
                  on_error: Callable | None = None):
         self.config = config
         self.local = local
@@ -59,6 +70,9 @@ class PeerManager:
         self._connected = connected
         self._disconnected = disconnected
         self._closed = closed
+        self._ready = ready
+        self.book = book if book is not None else AddressBook()
+        self.bans = bans if bans is not None else BanList()
         self._on_error = on_error
         self.by_id: dict[str, Peer] = {}
         self.connections: set[Peer] = set()
@@ -96,10 +110,21 @@ class PeerManager:
         if existing is not None and info.direction == "inbound" and existing.dialer_id <= info.id:
             return DisconnectReason.DUPLICATE  # the one we have wins (see _survivor)
         if existing is None and info.direction == "inbound":
-            inbound = sum(1 for p in self.by_id.values() if p.direction == "inbound")
-            if inbound >= self.config.max_inbound:
+            inbound = [p for p in self.by_id.values() if p.direction == "inbound"]
+            if len(inbound) >= self.config.max_inbound and not self._evict(inbound):
                 return DisconnectReason.TOO_MANY_PEERS
         return None
+
+    def _evict(self, inbound: list[Peer]) -> bool:
+        """Close one unprotected inbound peer to make room; False if all are protected."""
+        candidates = [Candidate(p, p.connected_at, p.rtt, p.last_useful, network_group(p.remote_ip))
+                      for p in inbound]
+        victim = choose_eviction(candidates)
+        if victim is None:
+            return False
+        self.metrics.inc("evicted")
+        victim.close(DisconnectReason.EVICTED, "inbound slots full")
+        return True
 
     def _make_peer(self, info: handshake.PeerInfo, stream: Any, reader: Any) -> Peer:
         peer = Peer(info=info, stream=stream, reader=reader, local=self.local, config=self.config,
@@ -129,6 +154,8 @@ class PeerManager:
             log.info("peer connected: %r", peer)
             self._connected(peer)
         self._notify()
+        if self._ready is not None:
+            self._ready(peer)
         return True
 
     def _peer_closed(self, peer: Peer, reason: DisconnectReason) -> None:
@@ -136,6 +163,8 @@ class PeerManager:
         if self._closed is not None:
             self._closed(peer, reason)
         self.metrics.inc(f"disconnects.{reason.name}")
+        if reason in VIOLATIONS and not peer.closed_by_remote:
+            self.discourage(peer.remote_ip, reason)
         if self.by_id.get(peer.id) is not peer:
             return  # a losing duplicate: the app never saw it
         del self.by_id[peer.id]
@@ -150,6 +179,15 @@ class PeerManager:
         log.info("peer disconnected: %r %s", peer, reason.name)
         self._disconnected(peer, reason)
 
+    def discourage(self, ip: str, reason: DisconnectReason) -> None:
+        """Refuse ``ip`` for ``discourage_time`` after it broke the protocol."""
+        self.metrics.inc("discouraged")
+        log.info("discouraging %s for %gs after %s", ip, self.config.discourage_time, reason.name)
+        self.bans.discourage(ip, self.config.discourage_time, time.time())
+
+    def is_banned(self, host: str) -> bool:
+        return self.bans.is_banned(host, time.time())
+
     def _swap_expired(self, peer: Peer, reason: DisconnectReason) -> None:
         self._deferred.pop(peer.id, None)
         log.info("peer disconnected: %r %s", peer, reason.name)
@@ -161,6 +199,10 @@ class PeerManager:
         """The listener's handler: runs for the whole life of the inbound connection."""
         ip = stream.remote_ip
         if self.closing:
+            return
+        if self.is_banned(ip):
+            self.metrics.inc("refused.banned")
+            log.debug("refused %s: banned", stream)
             return
         if self.pending >= self.config.max_pending:
             self.metrics.inc("refused.pending")
@@ -203,8 +245,11 @@ class PeerManager:
                 return handshake.inbound(stream, self.local)
         except HandshakeError as exc:
             self._handshake_failed(stream, exc.reason, exc)
+            if exc.reason in VIOLATIONS and not exc.remote:
+                self.discourage(stream.remote_ip, exc.reason)
         except ProtocolError as exc:
             self._handshake_failed(stream, exc.reason, exc)
+            self.discourage(stream.remote_ip, exc.reason)
         except OSError as exc:
             self._handshake_failed(stream, DisconnectReason.CONNECTION_LOST, exc)
         return None
@@ -240,11 +285,15 @@ class PeerManager:
         existing = self.find(address)
         if existing is not None:
             return existing
+        if self.is_banned(parse_address(address)[0]):
+            raise PeerGone(f"{address} is banned")
+        self.book.attempt(address, time.time())
         connect_timeout = timeout or self.config.connect_timeout
         try:
             stream = transport.dial(address, connect_timeout, self.config.source_host)
         except OSError as exc:
             self.metrics.inc("dial_failed")
+            self.book.failed(address, time.time())
             raise PeerGone(f"cannot connect to {address}: {exc}") from None
         try:
             with gevent.Timeout(timeout or self.config.handshake_timeout, HandshakeTimeout()):
@@ -257,6 +306,7 @@ class PeerManager:
             raise PeerGone("node is stopping")
         peer = self._make_peer(info, stream, reader)
         peer.dialed_address = address
+        self.book.good(address, time.time(), peer.id)
         peer.start()
         if not self._register(peer):
             survivor = self.by_id.get(peer.id)
@@ -266,15 +316,26 @@ class PeerManager:
         return peer
 
     def _outbound_failed(self, address: str, exc: BaseException) -> Peer:
+        now = time.time()
         if isinstance(exc, OSError):
             self.metrics.inc("dial_failed")
+            self.book.failed(address, now)
             raise PeerGone(f"connection to {address} lost during the handshake: {exc}") from None
         reason = getattr(exc, "reason", DisconnectReason.PROTOCOL_ERROR)
         self.metrics.inc(f"handshake_failed.{reason.name}")
+        remote_id = getattr(exc, "remote_id", None)
         if reason == DisconnectReason.SELF_CONNECTION:
             self.own_addresses.add(address)
+            self.book.set_own(self.own_addresses)
+            self.book.remove(address)
             log.info("%s is this node itself: not dialling it again", address)
-        remote_id = getattr(exc, "remote_id", None)
+        elif reason == DisconnectReason.DUPLICATE and remote_id:
+            self.book.add(address, remote_id, None, now)  # connected already: select skips its id
+        else:  # refused, full or broken: back off before trying it again
+            self.book.failed(address, now)
+        if isinstance(exc, ProtocolError) or (isinstance(exc, HandshakeError) and reason in VIOLATIONS
+                                              and not exc.remote):
+            self.discourage(parse_address(address)[0], reason)
         if reason == DisconnectReason.DUPLICATE and remote_id:
             survivor = self._wait_for(remote_id, SWAP_GRACE)
             if survivor is not None:
@@ -289,59 +350,9 @@ class PeerManager:
                 self.wait_change(None)
         return self.by_id.get(node_id)
 
-    # -- dial loops --------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start dialling seeds and persistent peers."""
-        if self.config.bootstrap:
-            self.tasks.spawn("seeds", self._seed_loop)
-        for address in self.config.persistent_peers:
-            self.tasks.spawn(f"persistent:{address}", self._persistent_loop, address)
-
     def close(self) -> None:
-        """Stop dialling and admitting."""
+        """Stop admitting; pending duplicate swaps are settled without events."""
         self.closing = True
         self._stop.set()
         for timer in self._deferred.values():
             timer.kill(block=False)
-
-    def _try(self, address: str) -> Peer | None:
-        try:
-            return self.connect(address)
-        except HandshakeError as exc:
-            log.info("dial %s failed: %s", address, exc.reason.name)
-        except GP2PError as exc:
-            log.info("dial %s failed: %s", address, exc)
-        return None
-
-    def _seed_loop(self) -> None:
-        failures = 0
-        while not self.closing:
-            if self.by_id:
-                self.wait_change(None)
-                continue
-            seeds = [a for a in self.config.bootstrap if a not in self.own_addresses]
-            if not seeds:
-                return
-            dials = [self.tasks.spawn(f"dial:{a}", self._try, a) for a in seeds]
-            gevent.joinall(dials)
-            if any(g.value is not None for g in dials):
-                failures = 0
-                continue
-            failures += 1
-            self._stop.wait(backoff_delay(failures, BACKOFF_BASE, BACKOFF_CAP, random.random()))
-
-    def _persistent_loop(self, address: str) -> None:
-        failures = 0
-        while not self.closing and address not in self.own_addresses:
-            peer = self._try(address)
-            if peer is not None:
-                peer.wait_closed()
-                # a connection that dies young counts as a failure, so that a peer that
-                # accepts and drops us at once is not redialled in a tight loop
-                failures = 0 if time.monotonic() - peer.connected_at > 10 else 1
-            else:
-                failures += 1
-            if not failures:
-                continue
-            self._stop.wait(backoff_delay(failures, BACKOFF_BASE, BACKOFF_CAP, random.random()))

@@ -108,5 +108,11 @@ class Rpc:
             self._answer_error(peer, msg, "EncodeError", f"the answer cannot be sent: {exc}")
 
     def _answer_error(self, peer: Any, msg: dict, error_type: str, message: str) -> None:
-        peer.send_nowait({"type": "response", "id": msg["id"], "ok": False,
-                          "error": {"type": error_type[:200], "message": message[:1000]}})
+        error = {"type": _sendable(error_type)[:200], "message": _sendable(message)[:1000]}
+        peer.send_nowait({"type": "response", "id": msg["id"], "ok": False, "error": error})
+
+
+def _sendable(text: str) -> str:
+    """``text`` with lone surrogates (``surrogateescape``-decoded names, say) escaped, which
+    no codec can encode: an error answer must always go out."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

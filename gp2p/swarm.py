@@ -1,8 +1,9 @@
 """Swarm: many nodes as greenlets in one process, and the figures that show them working.
 
-Each node listens on its own loopback address (127.1.x.y) and dials from it. Node ``i``
-is seeded with up to ``outbound`` random earlier nodes. The run measures how long the
-network takes to converge (every node has its outbound peers and the graph is connected),
+Each node listens on its own loopback address (127.1.x.y) and dials from it. Every node
+knows only node 0 (its seed); discovery (getaddr/addr) does the rest. The run measures how
+long the network takes to converge (every node has ``min(outbound, N-1)`` ready outbound
+peers and the graph is connected),
 waits for heartbeat round trips on every connection, has every node send messages to each
 of its peers, and counts the deliveries.
 """
@@ -101,7 +102,7 @@ class SwarmResult:
 class Swarm:
     """Runs ``n`` nodes in this process. ``run()`` returns a :class:`SwarmResult`."""
 
-    def __init__(self, n: int = 20, outbound: int = 3, messages: int = 5, seed: int | None = None,
+    def __init__(self, n: int = 20, outbound: int = 8, messages: int = 5, seed: int | None = None,
                  heartbeat_interval: float | None = None, peer_timeout: float | None = None,
                  converge_timeout: float = 60.0, progress: Callable[[str], None] | None = None,
                  **config: Any):
@@ -119,15 +120,13 @@ class Swarm:
         self.config = config
         self.nodes: list[Node] = []
         self.deliveries = 0
-        self._seeds: list[list[int]] = []
+        self.want = min(self.outbound, n - 1)
 
     def _make_nodes(self) -> None:
         for i in range(self.n):
-            earlier = list(range(i))
-            seeds = self.random.sample(earlier, min(self.outbound, i))
-            self._seeds.append(seeds)
-            bootstrap = [self.nodes[j].address for j in seeds]
+            bootstrap = [self.nodes[0].address] if i else []
             node = Node(config=Config(listen=swarm_address(i), bootstrap=bootstrap,
+                                      target_outbound=self.outbound,
                                       heartbeat_interval=self.heartbeat_interval,
                                       peer_timeout=self.peer_timeout,
                                       network_id="gp2p-swarm", **self.config))
@@ -151,9 +150,12 @@ class Swarm:
         return edges, ends
 
     def converged(self) -> bool:
-        """Every node has its outbound peers, and the graph is one component."""
-        for node, seeds in zip(self.nodes, self._seeds):
-            if sum(1 for p in node.peers if p.direction == "outbound") < len(seeds):
+        """Every node has ``min(outbound, N-1)`` outbound peers (or is already connected to
+        every other node, so that none is left to dial), and the graph is one component."""
+        for node in self.nodes:
+            peers = node.peers
+            if (sum(1 for p in peers if p.direction == "outbound") < self.want
+                    and len(peers) < self.n - 1):
                 return False
         edges, _ = self._edges()
         return connected_components(edges, list(range(self.n))) == 1
@@ -188,8 +190,8 @@ class Swarm:
         return result
 
     def _run(self, result: SwarmResult) -> None:
-        self.progress(f"starting {self.n} nodes on 127.1.x.y, each dialling up to "
-                      f"{self.outbound} earlier nodes")
+        self.progress(f"starting {self.n} nodes on 127.1.x.y; each knows only node 0 and "
+                      f"keeps {self.want} outbound connections found by discovery")
         self._make_nodes()
         result.converge_s = self._wait(self.converged, self.converge_timeout, "joining")
         edges, ends = self._edges()

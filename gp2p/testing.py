@@ -120,8 +120,10 @@ class NodeFactory:
     greenlet or socket of any of them is left.
     """
 
+    #: fast timers; ``target_outbound=0`` keeps each test's topology exactly as it builds
+    #: it (pass ``target_outbound`` to let nodes dial addresses they discover)
     defaults = {"heartbeat_interval": 0.5, "peer_timeout": 2.0, "handshake_timeout": 3.0,
-                "connect_timeout": 2.0}
+                "connect_timeout": 2.0, "target_outbound": 0}
 
     def __init__(self, **defaults: Any):
         self.defaults = {**self.defaults, **defaults}

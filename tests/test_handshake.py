@@ -108,11 +108,22 @@ def test_peer_disconnected_once_when_the_last_connection_goes(nodes):
     assert log_a[1] == ("down", b.id, DisconnectReason.SHUTDOWN)
 
 
-def test_too_many_inbound_peers_refused_after_handshake(nodes):
-    a = nodes.make(max_inbound=1)
-    b, c = nodes.make(), nodes.make()
-    b.connect(a.address)
+def test_no_inbound_slots_refuses_after_handshake(nodes):
+    a = nodes.make(max_inbound=0)
+    c = nodes.make()
     with pytest.raises(HandshakeError) as info:
         c.connect(a.address)
     assert info.value.reason == DisconnectReason.TOO_MANY_PEERS
-    assert [p.id for p in a.peers] == [b.id]
+    assert not a.peers
+
+
+def test_full_inbound_slots_evict_for_a_newcomer(nodes):
+    a = nodes.make(max_inbound=1)
+    b, c = nodes.make(), nodes.make()
+    reasons = []
+    b.on_event("peer_disconnected")(lambda p, r: reasons.append(r))
+    b.connect(a.address)
+    c.connect(a.address)
+    assert [p.id for p in a.peers] == [c.id]
+    wait_until(lambda: reasons == [DisconnectReason.EVICTED])
+    assert a.metrics["evicted"] == 1

@@ -1,0 +1,161 @@
+"""Discovery: ``getaddr`` / ``addr`` exchange, self-announcement and relay of fresh addresses.
+
+- After an outbound handshake we ask ``getaddr``; the answer (an ``addr`` marked
+  ``reply: true``, honoured only while we wait for one) is *solicited* and not rate-limited. Each connection also gets our own listen address once.
+- We answer ``getaddr`` once per connection with a sample of the book (at most 1000 entries
+  and about a quarter of it, tried and recent ones preferred).
+- Unsolicited ``addr`` entries are limited per peer by a token bucket; fresh ones (seen in the
+  last 10 minutes) arriving in small messages are relayed to 2 random other peers, at most
+  once per address per relay window, so a new node becomes known without polling.
+- Malformed entries are skipped one by one; the good ones in the same message are kept. More
+  than 1000 entries is a protocol violation (checked in :mod:`gp2p.messages`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+from gp2p.addressbook import AddressBook
+from gp2p.identity import is_node_id
+from gp2p.netgroup import canonical_address
+from gp2p.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Discovery"]
+
+#: unsolicited addr entries a peer may send: a burst, then this many per second (Bitcoin's)
+ADDR_RATE = 0.1
+ADDR_BURST = 1000.0
+#: entries seen this recently are worth relaying
+FRESH = 600.0
+#: only messages this small are relayed (large ones are answers, not announcements)
+RELAY_MAX_ENTRIES = 10
+RELAY_FANOUT = 2
+RELAYED_MEMORY = 20_000
+
+
+class _PeerState:
+    __slots__ = ("bucket", "asked", "answered")
+
+    def __init__(self, now: float):
+        self.bucket = TokenBucket(ADDR_RATE, ADDR_BURST, now)
+        self.asked = False      # we sent getaddr and its answer has not come yet
+        self.answered = False   # we answered its getaddr
+
+
+def _entry(raw: Any, now: float) -> tuple[str, str | None, float] | None:
+    """A checked (address, node id, seen) from one wire entry, or None when malformed."""
+    if not isinstance(raw, dict):
+        return None
+    address = canonical_address(raw.get("address"))
+    node_id = raw.get("id")
+    seen = raw.get("seen", now)
+    if address is None or (node_id is not None and not is_node_id(node_id)):
+        return None
+    if isinstance(seen, bool) or not isinstance(seen, (int, float)) or not math.isfinite(seen):
+        return None
+    return address, node_id, float(seen)
+
+
+class Discovery:
+    """The discovery protocol of one node, around its :class:`AddressBook`."""
+
+    def __init__(self, book: AddressBook, metrics: Any, *, node_id: str,
+                 own_address: Callable[[], str | None], peers: Callable[[], Iterable[Any]],
+                 learned: Callable[[], None], rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.book = book
+        self._metrics = metrics
+        self._node_id = node_id
+        self._own_address = own_address
+        self._peers = peers
+        self._learned = learned
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._state: dict[Any, _PeerState] = {}
+        self._relayed: OrderedDict[str, float] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<Discovery book={len(self.book)} peers={len(self._state)}>"
+
+    def _send(self, peer: Any, entries: list[dict], reply: bool = False) -> None:
+        msg: dict[str, Any] = {"type": "addr", "addrs": entries}
+        if reply:
+            msg["reply"] = True
+        peer.send_nowait(msg)
+
+    def peer_ready(self, peer: Any) -> None:
+        """A connection is ready: learn its announced address, announce ours, ask for more."""
+        now = self._clock()
+        state = self._state[peer] = _PeerState(now)
+        if peer.direction == "inbound" and peer.address:
+            # stays *new* until one of our own dials to it succeeds
+            if self.book.add(peer.address, peer.id, peer.remote_ip, now):
+                self._learned()
+        own = self._own_address()
+        if own:
+            self._send(peer, [{"address": own, "id": self._node_id, "seen": now}])
+        if peer.direction == "outbound":
+            state.asked = True
+            peer.send_nowait({"type": "getaddr"})
+
+    def peer_closed(self, peer: Any) -> None:
+        self._state.pop(peer, None)
+
+    def on_getaddr(self, peer: Any, msg: dict) -> None:
+        state = self._state.get(peer)
+        if state is None or state.answered:
+            self._metrics.inc("discovery.getaddr_ignored")
+            return
+        state.answered = True
+        now = self._clock()
+        sample = self.book.sample(now, 1000, 0.25, rng=self._rng)
+        entries = [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
+                   for e in sample if e.node_id != peer.id]
+        self._metrics.inc("discovery.getaddr_answered")
+        self._send(peer, entries, reply=True)
+
+    def on_addr(self, peer: Any, msg: dict) -> None:
+        state = self._state.get(peer)
+        if state is None:
+            return
+        now = self._clock()
+        solicited = state.asked and msg.get("reply") is True
+        if solicited:
+            state.asked = False
+        relay = not solicited and len(msg["addrs"]) <= RELAY_MAX_ENTRIES
+        added = 0
+        for raw in msg["addrs"]:
+            entry = _entry(raw, now)
+            if entry is None:
+                self._metrics.inc("discovery.malformed")
+                continue
+            if not solicited and not state.bucket.take(now):
+                self._metrics.inc("discovery.rate_limited")
+                continue
+            address, node_id, seen = entry
+            if self.book.add(address, node_id, peer.remote_ip, now, seen):
+                added += 1
+            if relay and now - FRESH <= seen <= now + 60:
+                self._relay(peer, address, node_id, min(seen, now), now)
+        self._metrics.inc("discovery.learned", added)
+        if added:
+            self._learned()
+
+    def _relay(self, source: Any, address: str, node_id: str | None, seen: float, now: float) -> None:
+        last = self._relayed.get(address)
+        if last is not None and now - last < FRESH:
+            return
+        self._relayed[address] = now
+        self._relayed.move_to_end(address)
+        while len(self._relayed) > RELAYED_MEMORY:
+            self._relayed.popitem(last=False)
+        targets = [p for p in self._peers() if p is not source and p.id != node_id]
+        for peer in self._rng.sample(targets, min(RELAY_FANOUT, len(targets))):
+            self._send(peer, [{"address": address, "id": node_id, "seen": seen}])
+            self._metrics.inc("discovery.relayed")
