@@ -105,7 +105,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages, seed=args.seed,
+    swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages,
+                  broadcasts=args.broadcasts, seed=args.seed,
                   heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                   converge_timeout=args.converge_timeout, progress=progress)
     result = swarm.run()
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
     swarm.add_argument("--outbound", type=int, default=8, help="outbound connections per node (default 8)")
     swarm.add_argument("--messages", type=int, default=5, help="messages each node sends each peer")
+    swarm.add_argument("--broadcasts", type=int, default=10, help="broadcasts from random nodes (default 10)")
     swarm.add_argument("--heartbeat-interval", type=float, default=None, help="default 2.0 s")
     swarm.add_argument("--peer-timeout", type=float, default=None, help="default 5.0 s")
     swarm.add_argument("--converge-timeout", type=float, default=60.0, help="give up after (s)")

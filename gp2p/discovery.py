@@ -1,7 +1,8 @@
 """Discovery: ``getaddr`` / ``addr`` exchange, self-announcement and relay of fresh addresses.
 
 - After an outbound handshake we ask ``getaddr``; the answer (an ``addr`` marked
-  ``reply: true``, honoured only while we wait for one) is *solicited* and not rate-limited. Each connection also gets our own listen address once.
+  ``reply: true``, honoured only while we wait for one) is *solicited* and not rate-limited.
+  Each connection also gets our own listen address once.
 - We answer ``getaddr`` once per connection with a sample of the book (at most 1000 entries
   and about a quarter of it, tried and recent ones preferred).
 - Unsolicited ``addr`` entries are limited per peer by a token bucket; fresh ones (seen in the

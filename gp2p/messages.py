@@ -10,8 +10,8 @@ from typing import Any, Callable
 from gp2p.errors import EncodeError, ProtocolError
 from gp2p.identity import SIGNATURE_SIZE, is_node_id
 
-__all__ = ["validate", "check_outgoing", "check_payload", "KNOWN_TYPES", "HANDSHAKE_TYPES", "NONCE_SIZE", "MAX_ADDR_ENTRIES",
-           "RESERVED_PREFIX"]
+__all__ = ["validate", "check_outgoing", "check_payload", "KNOWN_TYPES", "HANDSHAKE_TYPES",
+           "NONCE_SIZE", "MAX_ADDR_ENTRIES", "RESERVED_PREFIX"]
 
 NONCE_SIZE = 32
 MAX_ADDR_ENTRIES = 1000

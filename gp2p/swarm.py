@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Swarm", "SwarmResult", "swarm_address", "connected_components"]
 
 KIND = "swarm.msg"
+GOSSIP_KIND = "swarm.gossip"
 
 
 def swarm_address(index: int) -> str:
@@ -68,13 +69,20 @@ class SwarmResult:
     expected: int = 0
     rtt_median_ms: float | None = None
     rtt_samples: int = 0
+    broadcasts: int = 0
+    coverage: float | None = None
+    redundancy: float | None = None
+    hops_max: int | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
     greenlets_per_connection: float | None = None
     rss_mb: float | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.converge_s is not None and self.deliveries == self.expected and not self.errors
+        return (self.converge_s is not None and self.deliveries == self.expected
+                and (not self.broadcasts or self.coverage == 1.0) and not self.errors)
 
     def summary(self) -> str:
         conv = f"{self.converge_s:.2f} s" if self.converge_s is not None else "NOT converged"
@@ -86,6 +94,10 @@ class SwarmResult:
             f"deliveries {self.deliveries}/{self.expected}",
             f"median RTT {rtt} ({self.rtt_samples} connection ends sampled)",
         ]
+        if self.broadcasts:
+            lines.append(f"broadcasts {self.broadcasts}: coverage {self.coverage:.4f}, redundancy "
+                         f"{self.redundancy:.2f} copies per delivery, max hops {self.hops_max}, "
+                         f"latency p50 {self.latency_p50_ms:.1f} ms p99 {self.latency_p99_ms:.1f} ms")
         if self.greenlets_per_connection is not None:
             lines.append(f"greenlets per connection end {self.greenlets_per_connection:.2f}, "
                          f"RSS {self.rss_mb:.0f} MiB")
@@ -102,7 +114,8 @@ class SwarmResult:
 class Swarm:
     """Runs ``n`` nodes in this process. ``run()`` returns a :class:`SwarmResult`."""
 
-    def __init__(self, n: int = 20, outbound: int = 8, messages: int = 5, seed: int | None = None,
+    def __init__(self, n: int = 20, outbound: int = 8, messages: int = 5, broadcasts: int = 10,
+                 seed: int | None = None,
                  heartbeat_interval: float | None = None, peer_timeout: float | None = None,
                  converge_timeout: float = 60.0, progress: Callable[[str], None] | None = None,
                  **config: Any):
@@ -111,6 +124,13 @@ class Swarm:
         self.n = n
         self.outbound = max(1, outbound)
         self.messages = messages
+        self.broadcasts = broadcasts
+        #: broadcast id -> perf_counter() at the broadcast() call
+        self._sent_at: dict[str, float] = {}
+        #: broadcast id -> node indexes whose handler ran, and the latencies seen
+        self._got: dict[str, set[int]] = {}
+        self._latencies: list[float] = []
+        self.duplicate_deliveries = 0
         self.random = random.Random(seed)
         hb = heartbeat_interval or 2.0
         self.heartbeat_interval = hb
@@ -131,11 +151,24 @@ class Swarm:
                                       peer_timeout=self.peer_timeout,
                                       network_id="gp2p-swarm", **self.config))
             node.on(KIND)(self._delivered)
+            node.on(GOSSIP_KIND, context=True)(self._gossip_handler(i))
             node.start()
             self.nodes.append(node)
 
     def _delivered(self, peer: Any, payload: Any) -> None:
         self.deliveries += 1
+
+    def _gossip_handler(self, index: int) -> Callable[[Any, Any, Any], None]:
+        def handler(peer: Any, payload: Any, ctx: Any) -> None:
+            got = self._got.setdefault(ctx.msg_id, set())
+            if index in got:
+                self.duplicate_deliveries += 1
+            got.add(index)
+            if peer is not None:
+                sent = self._sent_at.get(ctx.msg_id)
+                if sent is not None:
+                    self._latencies.append(time.perf_counter() - sent)
+        return handler
 
     def _edges(self) -> tuple[dict[int, set[int]], int]:
         index = {node.id: i for i, node in enumerate(self.nodes)}
@@ -223,6 +256,39 @@ class Swarm:
         if self._wait(lambda: self.deliveries >= expected, 30.0, "messages") is None:
             result.errors.append("deliveries missing after 30 s")
         result.deliveries = self.deliveries
+        if self.broadcasts:
+            self._broadcast(result)
+
+    def _broadcast(self, result: SwarmResult) -> None:
+        before = [(n.metrics["gossip.delivered"], n.metrics["gossip.duplicates"]) for n in self.nodes]
+        for k in range(self.broadcasts):
+            origin = self.random.choice(self.nodes)
+            started = time.perf_counter()
+            msg_id = origin.broadcast(GOSSIP_KIND, {"n": k})
+            self._sent_at[msg_id] = started
+            self._got.setdefault(msg_id, set())
+        expected = self.broadcasts * self.n
+        self.progress(f"sent {self.broadcasts} broadcasts from random nodes")
+
+        def delivered() -> int:
+            return sum(len(got) for got in self._got.values())
+
+        if self._wait(lambda: delivered() >= expected, 30.0, "broadcasts") is None:
+            result.errors.append(f"broadcast deliveries {delivered()}/{expected} after 30 s")
+        copies = deliveries = 0
+        for node, (d0, c0) in zip(self.nodes, before, strict=True):
+            deliveries += node.metrics["gossip.delivered"] - d0
+            copies += node.metrics["gossip.delivered"] - d0 + node.metrics["gossip.duplicates"] - c0
+        result.broadcasts = self.broadcasts
+        result.coverage = delivered() / expected
+        if self.duplicate_deliveries:
+            result.errors.append(f"{self.duplicate_deliveries} broadcasts delivered twice to a node")
+        result.redundancy = copies / max(1, deliveries)
+        result.hops_max = max(n._gossip.hops_max for n in self.nodes)
+        latencies = sorted(self._latencies)
+        if latencies:
+            result.latency_p50_ms = latencies[len(latencies) // 2] * 1000
+            result.latency_p99_ms = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
 
     def stop(self) -> None:
         for node in self.nodes:
