@@ -8,7 +8,7 @@ import gevent
 from gevent import subprocess
 
 from gp2p.config import Config
-from gp2p.testing import next_host
+from gp2p.testing import next_host, wait_until
 
 GP2P = [sys.executable, "-m", "gp2p"]
 
@@ -50,9 +50,8 @@ class NodeProcess:
             return self.proc.stdout.readline().split()
 
     def wait_log(self, text, timeout=20):
-        with gevent.Timeout(timeout):
-            while not any(text in line for line in self.stderr_lines):
-                gevent.sleep(0.02)
+        wait_until(lambda: any(text in line for line in self.stderr_lines), timeout,
+                   message=f"no log line with {text!r}:\n{''.join(self.stderr_lines)}")
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
         self.proc.send_signal(sig)

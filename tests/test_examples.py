@@ -8,7 +8,7 @@ import gevent
 import pytest
 from gevent import subprocess
 
-from gp2p.testing import next_host
+from gp2p.testing import next_host, wait_until
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 WAIT = 30  # generous: other test runs may share the machine
@@ -40,14 +40,12 @@ class Program:
 
     def wait_for(self, predicate, timeout=WAIT, after=0, failure="no matching line"):
         """The first stdout line (from line ``after`` on) for which ``predicate`` is true."""
+        def match():
+            return next((line for line in self.stdout[after:] if predicate(line)), None)
+
         try:
-            with gevent.Timeout(timeout):
-                while True:
-                    for line in self.stdout[after:]:
-                        if predicate(line):
-                            return line
-                    gevent.sleep(0.02)
-        except gevent.Timeout:
+            return wait_until(match, timeout, interval=0.02)
+        except AssertionError:
             raise AssertionError(f"{failure} within {timeout}s\n{self.output()}") from None
 
     def address(self):
@@ -171,14 +169,14 @@ def last_head(program):
 
 def wait_same_head(programs, height, timeout=WAIT):
     """Wait until every program's last head is at ``height`` and the same; that head."""
+    def same():
+        heads = {last_head(p) for p in programs}
+        return len(heads) == 1 and heads.pop()[0] == height
+
     try:
-        with gevent.Timeout(timeout):
-            while True:
-                heads = {last_head(p) for p in programs}
-                if len(heads) == 1 and heads.pop()[0] == height:
-                    return last_head(programs[0])
-                gevent.sleep(0.05)
-    except gevent.Timeout:
+        wait_until(same, timeout, interval=0.05)
+        return last_head(programs[0])
+    except AssertionError:
         outputs = "\n\n".join(p.output()[-3000:] for p in programs)
         raise AssertionError(f"heads did not converge at {height}: "
                              f"{[last_head(p) for p in programs]}\n{outputs}") from None
