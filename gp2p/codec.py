@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 import msgpack
@@ -79,6 +80,27 @@ def _json_hook(obj: dict) -> Any:
     return obj
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _valid_text(obj: Any) -> bool:
+    """True when every string in ``obj`` (keys included) is encodable UTF-8."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _no_constant(name: str) -> Any:
     raise ProtocolError(f"JSON constant {name} is not allowed")
 
@@ -103,11 +125,16 @@ class JsonCodec(Codec):
     def decode(self, data: bytes) -> Any:
         try:
             text = bytes(data).decode("utf-8")
-            return self._decoder.decode(text)
+            obj = self._decoder.decode(text)
         except ProtocolError:
             raise
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"undecodable JSON frame: {exc.__class__.__name__}") from None
+        if _SURROGATE_ESCAPE.search(text) and not _valid_text(obj):
+            # a lone surrogate (only a \u escape can make one) is no Unicode text, and
+            # could not be passed on in any codec
+            raise ProtocolError("JSON frame with a lone surrogate")
+        return obj
 
 
 CODECS: dict[int, Codec] = {MsgpackCodec.id: MsgpackCodec(), JsonCodec.id: JsonCodec()}

@@ -152,6 +152,7 @@ class Node:
                 book.set_own([self.address, self._listener.address], self.identity.id)
             self.metrics.gauge("peers", lambda: len(self._pm.by_id))
             self.metrics.gauge("addresses", lambda: len(book))
+            self.metrics.gauge("gossip.seen_evicted", lambda: self._gossip.seen.evicted)
             self._dialer.start()
             if self._datadir is not None:
                 self.tasks.spawn("saver", self._save_loop)

@@ -5,10 +5,12 @@ import os
 import random
 import time
 from collections import Counter, deque
+from itertools import pairwise
 
 import gevent
 import pytest
 
+from gp2p import DisconnectReason, EncodeError, FrameTooLarge
 from gp2p.testing import RawPeer, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -45,7 +47,7 @@ def _make(nodes, **config):
 def _line(nodes, n, **config):
     """``n`` nodes in a line, each dialling the one before it."""
     line = [_make(nodes, **config) for _ in range(n)]
-    for before, after in zip(line, line[1:]):
+    for before, after in pairwise(line):
         after.connect(before.address)
     return line
 
@@ -54,7 +56,7 @@ def _line(nodes, n, **config):
 
 
 def test_broadcast_reaches_every_node_once_with_hop_counts(nodes):
-    a, b, c, d = line = _line(nodes, 4)
+    a, b, c, _ = line = _line(nodes, 4)
     got = [_record(node) for node in line]
     plain = []
     a.on("plain")(lambda peer, payload: plain.append((peer, payload)))  # two arguments
@@ -110,6 +112,22 @@ def test_broadcast_without_peers_is_delivered_locally(nodes):
     msg_id = alone.broadcast("tx", 42)
     wait_until(lambda: got, timeout=5)
     assert got == [(None, 42, alone.id, msg_id, 0)]
+
+
+def test_a_broadcast_that_cannot_be_sent_raises_and_is_delivered_nowhere(nodes):
+    a, b = _line(nodes, 2, max_frame_size=64 * 1024)
+    got_a, got_b = _record(a), _record(b)
+    for payload in (object(), {1: "int key"}):
+        with pytest.raises(EncodeError):
+            a.broadcast("tx", payload)
+    with pytest.raises(FrameTooLarge):
+        a.broadcast("tx", b"x" * (64 * 1024))
+    with pytest.raises(EncodeError):
+        a.broadcast("gp2p.reserved", 1)
+    a.broadcast("tx", "marker")
+    wait_until(lambda: got_a and got_b, timeout=5)
+    assert _payloads(got_a) == _payloads(got_b) == ["marker"]
+    assert a.metrics["gossip.delivered"] == b.metrics["gossip.delivered"] == 1
 
 
 def test_relaying_does_not_depend_on_a_local_handler(nodes):
@@ -322,23 +340,24 @@ def test_a_message_too_large_to_relay_is_delivered_and_the_link_kept(nodes):
     assert a.metrics["protocol_errors"] == b.metrics["protocol_errors"] == 0
 
 
-def test_a_frame_the_relay_cannot_encode_does_not_crash_it(nodes):
+def test_a_lone_surrogate_in_json_is_refused_at_the_edge(nodes):
     node = _make(nodes, heartbeat_interval=5.0, peer_timeout=20.0)
     after = _make(nodes)
     after.connect(node.address)
     got_after = _record(after)
     raw = _raw_to_json(node)
     try:
-        # JSON may escape a lone surrogate, which no codec can encode again
+        # JSON can escape a lone surrogate, which is no text and no codec can encode again
         frame = _frame("tx", "PLACEHOLDER")
         body = raw.local.codec.encode(frame).replace(b'"PLACEHOLDER"', b'"\\ud800"')
         raw.send_bytes(len(body).to_bytes(4, "big") + body)
-        raw.send(_frame("tx", "marker"))
+        msg, _ = raw.recv_until(lambda m: m.get("type") == "disconnect")
+        assert DisconnectReason.from_wire(msg["reason"]) == DisconnectReason.PROTOCOL_ERROR
+        node.broadcast("tx", "marker")
         wait_until(lambda: got_after, timeout=5)
-        assert _payloads(got_after) == ["marker"]
-        assert node.metrics["gossip.unrelayable"] == 1
+        assert _payloads(got_after) == ["marker"]  # the bad frame reached nobody
         assert not node.closed and node._failure is None
-        assert {p.id for p in node.peers} == {after.id, raw.identity.id}
+        assert [p.id for p in node.peers] == [after.id]
     finally:
         raw.close()
 

@@ -122,3 +122,11 @@ def test_validate_checks_fields_and_passes_unknown_types():
                 {"type": "disconnect", "reason": 1, "text": 5}):
         with pytest.raises(ProtocolError):
             validate(bad)
+
+
+def test_json_refuses_lone_surrogates_but_keeps_escaped_pairs():
+    codec = JsonCodec()
+    assert codec.decode(b'{"a":"\\ud83d\\ude00"}') == {"a": "\U0001F600"}
+    for bad in (b'{"a":"\\ud800"}', b'{"\\udfff":1}', b'["ok",["\\udc00x"]]'):
+        with pytest.raises(ProtocolError, match="surrogate"):
+            codec.decode(bad)
