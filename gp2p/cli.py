@@ -138,17 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=cmd_node)
 
     swarm = sub.add_parser("swarm", help="many nodes in one process, with a summary",
-                           description="Start a local network of nodes as greenlets, wait for it "
-                                       "to converge, exchange messages, print the figures. "
-                                       "Exit 1 if it did not converge or a delivery was missed.")
+                           description="Start a local network of nodes as greenlets (each knows "
+                                       "only node 0), wait for it to converge, exchange messages "
+                                       "and broadcasts, print the figures. Exit 1 if it did not "
+                                       "converge or a message or broadcast delivery was missed.")
     swarm.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
     swarm.add_argument("--outbound", type=int, default=8, help="outbound connections per node (default 8)")
     swarm.add_argument("--messages", type=int, default=5, help="messages each node sends each peer")
     swarm.add_argument("--broadcasts", type=int, default=10, help="broadcasts from random nodes (default 10)")
     swarm.add_argument("--heartbeat-interval", type=float, default=None, help="default 2.0 s")
-    swarm.add_argument("--peer-timeout", type=float, default=None, help="default 5.0 s")
+    swarm.add_argument("--peer-timeout", type=float, default=None,
+                       help="default max(5.0, 2.5 x heartbeat interval) s")
     swarm.add_argument("--converge-timeout", type=float, default=60.0, help="give up after (s)")
-    swarm.add_argument("--seed", type=int, default=None, help="random seed for the topology")
+    swarm.add_argument("--seed", type=int, default=None, help="random seed (which nodes broadcast)")
     swarm.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     swarm.add_argument("--log-level", default="WARNING")
     swarm.set_defaults(func=cmd_swarm)

@@ -95,7 +95,8 @@ class Config:
     advertise: str | None = None
     #: the local IP outbound sockets bind; default: the listen host when it is specific
     source_address: str | None = None
-    #: seed addresses, dialled at start and again only while the node has no ready peer
+    #: seed addresses, dialled at start and again only while the node has no ready peer and
+    #: nothing dialable in its address book
     bootstrap: list[str] = field(default_factory=list)
     #: addresses redialled with backoff and jitter for ever, on top of ``target_outbound``
     persistent_peers: list[str] = field(default_factory=list)
@@ -129,7 +130,7 @@ class Config:
     seen_ttl: float = 120.0
     #: a broadcast is not forwarded past this many hops
     max_hops: int = 64
-    #: directory for the key and the address book; None keeps nothing on disk
+    #: directory for the key, the address book and the bans; None keeps nothing on disk
     datadir: str | None = None
     #: ``"msgpack"`` (default) or ``"json"``
     codec: str = "msgpack"
@@ -179,6 +180,8 @@ class Config:
             raise ValueError("peer_timeout must be at least 2 x heartbeat_interval")
         if not 64 <= self.max_frame_size < 2**32:
             raise ValueError("max_frame_size must be between 64 bytes and 4 GiB")
+        if self.max_addresses < 2:
+            raise ValueError("max_addresses must be at least 2")
         if self.out_queue_bytes < self.max_frame_size + 4:
             raise ValueError("out_queue_bytes must hold at least one frame of max_frame_size")
 

@@ -109,7 +109,8 @@ class PeerManager:
         existing = self.by_id.get(info.id)
         if existing is not None and info.direction == "inbound" and existing.dialer_id <= info.id:
             return DisconnectReason.DUPLICATE  # the one we have wins (see _survivor)
-        if existing is None and info.direction == "inbound":
+        # an inbound newcomer that replaces an outbound duplicate takes an inbound slot too
+        if info.direction == "inbound" and (existing is None or existing.direction == "outbound"):
             inbound = [p for p in self.by_id.values() if p.direction == "inbound"]
             if len(inbound) >= self.config.max_inbound and not self._evict(inbound):
                 return DisconnectReason.TOO_MANY_PEERS
@@ -301,6 +302,11 @@ class PeerManager:
         except (HandshakeError, ProtocolError, OSError) as exc:
             stream.close()
             return self._outbound_failed(address, exc)
+        except BaseException:
+            # killed mid-handshake (the node is stopping): the dying greenlet's traceback
+            # would otherwise keep the socket open
+            stream.close()
+            raise
         if self.closing:
             stream.close()
             raise PeerGone("node is stopping")
@@ -326,7 +332,7 @@ class PeerManager:
         remote_id = getattr(exc, "remote_id", None)
         if reason == DisconnectReason.SELF_CONNECTION:
             self.own_addresses.add(address)
-            self.book.set_own(self.own_addresses)
+            self.book.set_own(self.book.own | {address}, self.book.own_id)
             self.book.remove(address)
             log.info("%s is this node itself: not dialling it again", address)
         elif reason == DisconnectReason.DUPLICATE and remote_id:

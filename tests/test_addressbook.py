@@ -448,8 +448,10 @@ def test_sample_is_bounded_by_max_count_and_a_quarter_of_the_book():
 def test_sample_prefers_tried_and_recent_and_skips_terrible():
     book = make_book()
     fill(book, 400, T0, tried_every=20)
-    tried = sum(e.tried for e in book.sample(T0, rng=random.Random(1)))
-    assert tried >= 12  # 5 % of the book, far more of the sample
+    # tried entries are 5 % of the book; over many draws they are well over twice that
+    # share of a sample (one draw of 100 is too noisy to judge)
+    tried = [sum(e.tried for e in book.sample(T0, rng=random.Random(seed))) for seed in range(40)]
+    assert sum(tried) / len(tried) >= 10
     mixed = make_book()
     for i in range(200):
         mixed.add(f"127.{i}.0.1:7000", None, None, T0 - (0 if i % 2 else 2 * DAY))
