@@ -32,6 +32,9 @@ __all__ = ["Discovery"]
 #: unsolicited addr entries a peer may send: a burst, then this many per second (Bitcoin's)
 ADDR_RATE = 0.1
 ADDR_BURST = 1000.0
+#: a getaddr answer holds at most this many entries, and at most this share of the book
+MAX_ANSWER = 1000
+ANSWER_FRACTION = 0.25
 #: entries seen this recently are worth relaying
 FRESH = 600.0
 #: only messages this small are relayed (large ones are answers, not announcements)
@@ -115,9 +118,12 @@ class Discovery:
             return
         state.answered = True
         now = self._clock()
-        sample = self.book.sample(now, 1000, 0.25, rng=self._rng)
+        # the asker's own entry is drawn with one spare, so that leaving it out does not
+        # shrink the answer (in a small book, to nothing)
+        limit = min(MAX_ANSWER, math.ceil(ANSWER_FRACTION * len(self.book)))
+        sample = self.book.sample(now, limit + 1, 1.0, rng=self._rng)
         entries = [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
-                   for e in sample if e.node_id != peer.id]
+                   for e in sample if e.node_id != peer.id and e.address != peer.address][:limit]
         self._metrics.inc("discovery.getaddr_answered")
         self._send(peer, entries, reply=True)
 
