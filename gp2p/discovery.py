@@ -40,6 +40,8 @@ FRESH = 600.0
 #: only messages this small are relayed (large ones are answers, not announcements)
 RELAY_MAX_ENTRIES = 10
 RELAY_FANOUT = 2
+#: addresses handed to a peer we evict
+FAREWELL_ENTRIES = 100
 RELAYED_MEMORY = 20_000
 
 
@@ -110,6 +112,16 @@ class Discovery:
 
     def peer_closed(self, peer: Any) -> None:
         self._state.pop(peer, None)
+
+    def farewell(self, peer: Any) -> None:
+        """Give a peer we are about to evict addresses to go to instead (unsolicited, so
+        its token bucket applies), so that a crowded seed does not become a revolving door."""
+        now = self._clock()
+        sample = self.book.sample(now, FAREWELL_ENTRIES, 1.0, rng=self._rng)
+        entries = [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
+                   for e in sample if e.node_id != peer.id]
+        if entries:
+            self._send(peer, entries)
 
     def on_getaddr(self, peer: Any, msg: dict) -> None:
         state = self._state.get(peer)

@@ -137,6 +137,7 @@ class Node:
                                    attach=self._dispatcher.attach, connected=self._peer_connected,
                                    disconnected=self._peer_disconnected, ready=self._peer_ready,
                                    closed=self._peer_closed, book=book, bans=self._bans,
+                                   evicting=lambda peer: self._discovery.farewell(peer),
                                    on_error=self._crashed)
             self._dialer = Dialer(self._pm)
             self._gossip = Gossip(self.identity.id, cfg, self.metrics, self._dispatcher,

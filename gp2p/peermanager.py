@@ -60,6 +60,7 @@ class PeerManager:
                  ready: Callable[[Peer], None] | None = None,
                  closed: Callable[[Peer, DisconnectReason], None] | None = None,
                  book: AddressBook | None = None, bans: BanList | None = None,
+                 evicting: Callable[[Peer], None] | None = None,
                  on_error: Callable | None = None):
         self.config = config
         self.local = local
@@ -71,6 +72,7 @@ class PeerManager:
         self._disconnected = disconnected
         self._closed = closed
         self._ready = ready
+        self._evicting = evicting
         self.book = book if book is not None else AddressBook()
         self.bans = bans if bans is not None else BanList()
         self._on_error = on_error
@@ -124,6 +126,8 @@ class PeerManager:
         if victim is None:
             return False
         self.metrics.inc("evicted")
+        if self._evicting is not None:
+            self._evicting(victim)  # e.g. addresses to go to instead: they leave before the disconnect
         victim.close(DisconnectReason.EVICTED, "inbound slots full")
         return True
 

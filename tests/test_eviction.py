@@ -4,6 +4,7 @@
 shows a full node evicting from its crowded network group while the peers it protects stay,
 and hypothesis drives the caps over small limits with raw sockets.
 """
+import time
 from collections import Counter
 
 import pytest
@@ -217,3 +218,21 @@ def test_refused_dialer_sees_a_closed_socket_not_a_handshake(nodes):
     held.close()
     wait_until(lambda: host not in a._pm._per_ip)
     assert b.connect(a.address).id == a.id
+
+
+def test_an_evicted_peer_is_handed_addresses_before_its_disconnect(nodes):
+    from gp2p.testing import RawPeer
+
+    a = nodes.make(max_inbound=1)
+    for port in range(7001, 7006):
+        a._pm.book.add(f"127.77.0.1:{port}", None, "127.66.0.1", time.time())
+    raw = RawPeer.dial(a.address).handshake()
+    try:
+        wait_until(lambda: len(a.peers) == 1)
+        nodes.make().connect(a.address)  # the newcomer evicts the raw peer
+        bye, before = raw.recv_until(lambda m: m.get("type") == "disconnect")
+        assert DisconnectReason.from_wire(bye["reason"]) == DisconnectReason.EVICTED
+        handed = {e["address"] for m in before if m.get("type") == "addr" for e in m["addrs"]}
+        assert {f"127.77.0.1:{port}" for port in range(7001, 7006)} <= handed
+    finally:
+        raw.close()
