@@ -68,8 +68,26 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+_MARKERS = ("$b", "$d")
+
+
+def _escape(value: Any) -> Any:
+    """``value`` with every dict whose only key is a marker (``$b``, ``$d``) wrapped as
+    ``{"$d": [[key, value]]}``, so that it is not read back as bytes or as a wrapper."""
+    if isinstance(value, dict):
+        items = {k: _escape(v) for k, v in value.items()}
+        if len(items) == 1 and next(iter(items)) in _MARKERS:
+            return {"$d": [[k, v] for k, v in items.items()]}
+        return items
+    if isinstance(value, (list, tuple)):
+        return [_escape(v) for v in value]
+    return value
+
+
 def _json_hook(obj: dict) -> Any:
-    if len(obj) == 1 and "$b" in obj:
+    if len(obj) != 1:
+        return obj
+    if "$b" in obj:
         value = obj["$b"]
         if not isinstance(value, str):
             raise ProtocolError("bad $b value")
@@ -77,6 +95,12 @@ def _json_hook(obj: dict) -> Any:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("bad base64 in $b") from None
+    if "$d" in obj:
+        pairs = obj["$d"]
+        if (not isinstance(pairs, list) or len(pairs) != 1 or not isinstance(pairs[0], list)
+                or len(pairs[0]) != 2 or pairs[0][0] not in _MARKERS):
+            raise ProtocolError("bad $d value")
+        return {pairs[0][0]: pairs[0][1]}
     return obj
 
 
@@ -106,7 +130,8 @@ def _no_constant(name: str) -> Any:
 
 
 class JsonCodec(Codec):
-    """Compact UTF-8 JSON; bytes travel as ``{"$b": base64}``."""
+    """Compact UTF-8 JSON; bytes travel as ``{"$b": base64}``, and a dict whose only key is
+    ``"$b"`` or ``"$d"`` travels escaped as ``{"$d": [[key, value]]}``."""
 
     name = "json"
     id = 2
@@ -118,7 +143,7 @@ class JsonCodec(Codec):
 
     def encode(self, obj: Any) -> bytes:
         try:
-            return self._encoder.encode(obj).encode("utf-8")
+            return self._encoder.encode(_escape(obj)).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise EncodeError(str(exc)) from None
 

@@ -130,3 +130,12 @@ def test_json_refuses_lone_surrogates_but_keeps_escaped_pairs():
     for bad in (b'{"a":"\\ud800"}', b'{"\\udfff":1}', b'["ok",["\\udc00x"]]'):
         with pytest.raises(ProtocolError, match="surrogate"):
             codec.decode(bad)
+
+
+def test_json_escapes_dicts_that_look_like_its_markers():
+    codec = JsonCodec()
+    for payload in ({"$b": ""}, {"$b": None}, {"$d": [1]}, [{"$b": {"$d": b"x"}}], {"$b": "AP8="}):
+        msg = {"type": "msg", "kind": "k", "payload": payload}
+        assert codec.decode(codec.encode(msg)) == msg
+    with pytest.raises(ProtocolError):
+        codec.decode(b'{"$d":[["other",1]]}')
