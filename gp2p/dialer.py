@@ -141,7 +141,14 @@ class Dialer:
             seeds = [a for a in self.config.bootstrap if a not in self.pm.own_addresses]
             if not seeds:
                 return
-            dials = [self._spawn(f"seed:{a}", self._try, a) for a in seeds]
+            # a seed still backing off in the book (one that just evicted us, say) waits its
+            # turn, or nodes that know only a full seed evict each other from it non-stop
+            now = time.time()
+            due = [a for a in seeds if self.book.retry_at(a) <= now]
+            if not due:
+                self._stop.wait(min(self.book.retry_at(a) for a in seeds) - now)
+                continue
+            dials = [self._spawn(f"seed:{a}", self._try, a) for a in due]
             gevent.joinall(dials)
             if any(g.value is not None for g in dials):
                 failures = 0

@@ -170,6 +170,10 @@ class PeerManager:
         self.metrics.inc(f"disconnects.{reason.name}")
         if reason in VIOLATIONS and not peer.closed_by_remote:
             self.discourage(peer.remote_ip, reason)
+        if reason == DisconnectReason.EVICTED and peer.closed_by_remote and peer.dialed_address:
+            # back off as after a refused dial: otherwise two nodes with nowhere else to go
+            # evict each other from a full node as fast as they can redial it
+            self.book.failed(peer.dialed_address, time.time())
         if self.by_id.get(peer.id) is not peer:
             return  # a losing duplicate: the app never saw it
         del self.by_id[peer.id]

@@ -236,3 +236,24 @@ def test_an_evicted_peer_is_handed_addresses_before_its_disconnect(nodes):
         assert {f"127.77.0.1:{port}" for port in range(7001, 7006)} <= handed
     finally:
         raw.close()
+
+
+def test_an_evicted_dialer_backs_off_before_redialling(nodes):
+    # without a backoff, nodes that know only a full node evict each other from it as fast
+    # as they can redial it (hundreds of evictions a second)
+    a = nodes.make(max_inbound=1, **QUIET)
+    b = nodes.make(bootstrap=[a.address], **QUIET)
+    log = []
+    b.on_event("peer_connected")(lambda peer: log.append(("up", time.monotonic())))
+    b.on_event("peer_disconnected")(lambda peer, reason: log.append((reason, time.monotonic())))
+    wait_until(lambda: len(log) == 1)
+    newcomer = nodes.make(**QUIET)
+    newcomer.connect(a.address)
+    wait_until(lambda: len(log) == 2)
+    assert log[1][0] == DisconnectReason.EVICTED
+    assert b._pm.book.get(a.address).tried  # still a good address, only backing off
+    # b comes back (its seed is all it knows), but only after the backoff: at least 0.5 s
+    wait_until(lambda: len(log) == 3, timeout=10)
+    assert log[2][0] == "up" and log[2][1] - log[1][1] >= 0.45
+    wait_until(lambda: [p.id for p in a.peers] == [b.id])
+    assert a.metrics["evicted"] == 2  # the newcomer made way in turn, and does not redial
