@@ -41,7 +41,8 @@ IDLE_CHECK = 5.0
 class Dialer:
     """The outbound side of one node's connection management."""
 
-    def __init__(self, pm: PeerManager, rng: random.Random | None = None):
+    def __init__(self, pm: PeerManager, rng: random.Random | None = None,
+                 need_addresses: Any = None):
         self.pm = pm
         self.config = pm.config
         self.book = pm.book
@@ -51,6 +52,8 @@ class Dialer:
         self._dialing: set[str] = set()
         self.persistent = set(self.config.persistent_peers)
         self._greenlets: list = []
+        #: called when outbound peers are missing and the book has nobody to dial
+        self._need_addresses = need_addresses
 
     def __repr__(self) -> str:
         return f"<Dialer {len(self._dialing)} dialling>"
@@ -105,6 +108,8 @@ class Dialer:
             if missing > 0 and len(self._dialing) < MAX_DIALS:
                 address = self._select(outbound)
             if address is None:
+                if missing > 0 and len(self._dialing) < MAX_DIALS and self._need_addresses is not None:
+                    self._need_addresses()
                 self._wake.wait(IDLE_CHECK)
                 self._wake.clear()
                 continue

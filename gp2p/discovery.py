@@ -46,12 +46,13 @@ RELAYED_MEMORY = 20_000
 
 
 class _PeerState:
-    __slots__ = ("bucket", "asked", "answered")
+    __slots__ = ("bucket", "asked", "asked_once", "answered")
 
     def __init__(self, now: float):
         self.bucket = TokenBucket(ADDR_RATE, ADDR_BURST, now)
-        self.asked = False      # we sent getaddr and its answer has not come yet
-        self.answered = False   # we answered its getaddr
+        self.asked = False       # we sent getaddr and its answer has not come yet
+        self.asked_once = False  # we sent it getaddr (each connection answers one)
+        self.answered = False    # we answered its getaddr
 
 
 def _entry(raw: Any, now: float) -> tuple[str, str | None, float] | None:
@@ -107,8 +108,22 @@ class Discovery:
         if own:
             self._send(peer, [{"address": own, "id": self._node_id, "seen": now}])
         if peer.direction == "outbound":
-            state.asked = True
-            peer.send_nowait({"type": "getaddr"})
+            self._ask(peer, state)
+
+    def _ask(self, peer: Any, state: _PeerState) -> None:
+        state.asked = state.asked_once = True
+        peer.send_nowait({"type": "getaddr"})
+
+    def ask_more(self) -> bool:
+        """The dialer is short of addresses: ask ``getaddr`` of one peer not asked yet (an
+        inbound one, typically, or one that answered before we knew many). False if none."""
+        candidates = [(peer, state) for peer, state in self._state.items() if not state.asked_once]
+        if not candidates:
+            return False
+        peer, state = self._rng.choice(candidates)
+        self._metrics.inc("discovery.asked_more")
+        self._ask(peer, state)
+        return True
 
     def peer_closed(self, peer: Any) -> None:
         self._state.pop(peer, None)

@@ -139,7 +139,7 @@ class Node:
                                    closed=self._peer_closed, book=book, bans=self._bans,
                                    evicting=lambda peer: self._discovery.farewell(peer),
                                    on_error=self._crashed)
-            self._dialer = Dialer(self._pm)
+            self._dialer = Dialer(self._pm, need_addresses=lambda: self._discovery.ask_more())
             self._gossip = Gossip(self.identity.id, cfg, self.metrics, self._dispatcher,
                                   peers=self._pm.by_id.values, encode=self._local.encode)
             self._discovery = Discovery(book, self.metrics, node_id=self.identity.id,
