@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from gevent.event import Event
 
-from gp2p import transport
+from gp2p import transport as tcp_transport
 from gp2p.addressbook import AddressBook, layout_for
 from gp2p.bans import BanList
 from gp2p.codec import by_name
@@ -43,14 +43,18 @@ class Node:
     no I/O: :meth:`start` binds and dials.
     """
 
-    def __init__(self, *, config: Config | None = None, **fields: Any):
+    def __init__(self, *, config: Config | None = None, transport: Any = None, **fields: Any):
         if config is not None and fields:
             raise TypeError("pass either config= or config fields, not both")
         self.config = config if config is not None else Config(**fields)
+        #: anything with ``listen(spec, handler, pool_size, on_error)`` and
+        #: ``dial(address, timeout, source)``: TCP (:mod:`gp2p.transport`) unless given,
+        #: e.g. a :class:`gp2p.memnet.MemoryNetwork`
+        self.transport = transport if transport is not None else tcp_transport
         self.metrics = Metrics()
         self.identity: Identity | None = None if self.config.datadir else Identity()
         self.tasks: TaskGroup | None = None
-        self._listener: transport.Listener | None = None
+        self._listener: tcp_transport.Listener | None = None
         self._pm: PeerManager | None = None
         self._stopped = Event()
         self._closing = Event()
@@ -138,6 +142,7 @@ class Node:
                                    disconnected=self._peer_disconnected, ready=self._peer_ready,
                                    closed=self._peer_closed, book=book, bans=self._bans,
                                    evicting=lambda peer: self._discovery.farewell(peer),
+                                   transport=self.transport,
                                    on_error=self._crashed)
             self._dialer = Dialer(self._pm, need_addresses=lambda: self._discovery.ask_more())
             self._gossip = Gossip(self.identity.id, cfg, self.metrics, self._dispatcher,
@@ -146,9 +151,9 @@ class Node:
                                         own_address=lambda: self.address,
                                         peers=self._pm.by_id.values, learned=self._dialer.wake)
             if cfg.listen is not None:
-                self._listener = transport.listen(cfg.listen, self._pm.handle_inbound,
-                                                  cfg.max_inbound + cfg.max_pending,
-                                                  on_error=self._crashed)
+                self._listener = self.transport.listen(cfg.listen, self._pm.handle_inbound,
+                                                       cfg.max_inbound + cfg.max_pending,
+                                                       on_error=self._crashed)
                 self._local.listen = self.address
                 book.set_own([self.address, self._listener.address], self.identity.id)
             self.metrics.gauge("peers", lambda: len(self._pm.by_id))
@@ -183,6 +188,30 @@ class Node:
         if self._closed:
             return
         self._shutdown(5.0 if timeout is None else timeout)
+
+    def kill(self) -> None:
+        """Stop abruptly, as if the process had died: every socket is reset, every greenlet
+        killed; no ``disconnect`` is sent, no handler or event runs, nothing is saved.
+        For fault tests and ``gp2p swarm --kill``; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.close()
+        if self._dialer is not None:
+            self._dialer.close()
+        if self._pm is not None:
+            self._pm.close()
+            for peer in list(self._pm.connections):
+                peer.kill(timeout=0.5, reset=True)
+        self._dispatcher.close()
+        if self._listener is not None:
+            self._listener.stop(timeout=0)
+        if self.tasks is not None:
+            self.tasks.kill(timeout=1.0, quiet=True)
+        self._stopped.set()
+        log.info("node %s killed", short_id(self.id))
 
     def _shutdown(self, timeout: float) -> None:
         self._closed = True

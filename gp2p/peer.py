@@ -172,8 +172,11 @@ class Peer:
         self._stream.abort()
         self.close(DisconnectReason.CONNECTION_LOST, send=False)
 
-    def kill(self, timeout: float = 1.0) -> None:
-        """Kill whatever of this peer still runs (used by the owner's shutdown)."""
+    def kill(self, timeout: float = 1.0, reset: bool = False) -> None:
+        """Kill whatever of this peer still runs (used by the owner's shutdown); with
+        ``reset`` the socket is closed with a TCP reset, as a crash would."""
+        if reset:
+            self._stream.abort()
         self._tasks.kill(timeout=timeout)
         self._stream.close()
         self.state = CLOSED

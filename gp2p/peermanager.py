@@ -28,7 +28,8 @@ from typing import Any, Callable
 import gevent
 from gevent.event import Event
 
-from gp2p import handshake, transport
+from gp2p import handshake
+from gp2p import transport as tcp_transport
 from gp2p.addressbook import AddressBook
 from gp2p.bans import BanList
 from gp2p.config import Config, parse_address
@@ -61,8 +62,9 @@ class PeerManager:
                  closed: Callable[[Peer, DisconnectReason], None] | None = None,
                  book: AddressBook | None = None, bans: BanList | None = None,
                  evicting: Callable[[Peer], None] | None = None,
-                 on_error: Callable | None = None):
+                 on_error: Callable | None = None, transport: Any = tcp_transport):
         self.config = config
+        self.transport = transport
         self.local = local
         self.tasks = tasks
         self.metrics = metrics
@@ -299,7 +301,7 @@ class PeerManager:
         self.book.attempt(address, time.time())
         connect_timeout = timeout or self.config.connect_timeout
         try:
-            stream = transport.dial(address, connect_timeout, self.config.source_host)
+            stream = self.transport.dial(address, connect_timeout, self.config.source_host)
         except OSError as exc:
             self.metrics.inc("dial_failed")
             self.book.failed(address, time.time())

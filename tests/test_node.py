@@ -169,3 +169,21 @@ def test_a_claimed_listen_address_does_not_stop_us_dialling_it(nodes):
     a = nodes.make()
     assert a.connect(liar._listener.address).id == liar.id
     assert a.connect(target.address).id == target.id
+
+
+def test_kill_resets_every_connection_and_leaves_nothing(nodes, tmp_path):
+    # kill() is a crash: peers see the connection lost (no SHUTDOWN), nothing is saved,
+    # and no greenlet or socket of the killed node is left
+    victim = nodes.make(datadir=str(tmp_path / "victim"))
+    others = [nodes.make(bootstrap=[victim.address]) for _ in range(3)]
+    assert victim.wait_for_peers(3, timeout=5)
+    assert all(node.wait_for_peers(1, timeout=5) for node in others)
+    reasons = []
+    for node in others:
+        node.on_event("peer_disconnected")(lambda peer, reason: reasons.append(reason))
+    victim.kill()
+    victim.kill()  # idempotent
+    assert_stopped_clean(victim)
+    wait_until(lambda: len(reasons) == 3, timeout=5)
+    assert set(reasons) == {DisconnectReason.CONNECTION_LOST}
+    assert not os.path.exists(victim._datadir.book_path)  # stop() would have written it
