@@ -87,6 +87,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"gp2p node: {exc}", file=sys.stderr)
         return 2
     node = Node(config=config)
+    if args.echo:  # a target for load tests (gp2p.contrib.locust)
+        node.on("load.echo")(lambda peer, payload: payload)
+        node.on("load.msg")(lambda peer, payload: None)
+        node.on("load.gossip")(lambda peer, payload: None)
     node.start()
     print(f"{node.id} {node.address}", flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -99,17 +103,20 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
-    from gp2p.swarm import Swarm
+    from gp2p.swarm import Swarm, SwarmTooBig, make_view
 
     _setup_logging(args.log_level)
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages,
-                  broadcasts=args.broadcasts, seed=args.seed,
-                  heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
-                  converge_timeout=args.converge_timeout, progress=progress)
-    result = swarm.run()
+    try:
+        swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages,
+                      broadcasts=args.broadcasts, rate=args.rate, duration=args.duration,
+                      payload_size=args.payload_size, kill=args.kill, transport=args.transport,
+                      seed=args.seed, heartbeat_interval=args.heartbeat_interval,
+                      peer_timeout=args.peer_timeout, converge_timeout=args.converge_timeout,
+                      view=make_view(sys.stderr))
+        result = swarm.run()
+    except (SwarmTooBig, ValueError) as exc:
+        print(f"gp2p swarm: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(result.summary(), file=sys.stderr)
         print(result.to_json(), flush=True)
@@ -135,30 +142,54 @@ def build_parser() -> argparse.ArgumentParser:
                                       "logs go to stderr; SIGINT/SIGTERM stop it cleanly.")
     add_config_flags(node)
     node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    node.add_argument("--echo", action="store_true",
+                      help="load-test target: answer 'load.echo' requests with their payload and "
+                           "quietly accept 'load.msg' and 'load.gossip' (see README: locust)")
     node.set_defaults(func=cmd_node)
 
     swarm = sub.add_parser("swarm", help="many nodes in one process, with a summary",
                            description="Start a local network of nodes as greenlets (each knows "
                                        "only node 0), wait for it to converge, exchange messages "
-                                       "and broadcasts, print the figures. Exit 1 if it did not "
-                                       "converge or a message or broadcast delivery was missed.")
+                                       "and broadcasts (optionally killing part of the network "
+                                       "halfway), print the figures. Exit 0 when it converged and "
+                                       "every message and broadcast reached every live node; 1 "
+                                       "otherwise; 2 when the run does not fit this process.")
     swarm.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
     swarm.add_argument("--outbound", type=int, default=8, help="outbound connections per node (default 8)")
-    swarm.add_argument("--messages", type=int, default=5, help="messages each node sends each peer")
+    swarm.add_argument("--transport", choices=("tcp", "memory"), default="tcp",
+                       help="tcp: 127.1.x.y loopback sockets (default); memory: the in-memory "
+                            "network, 10.x.y.z, no file descriptors")
+    swarm.add_argument("--messages", type=int, default=1, help="messages each node sends each peer (default 1)")
     swarm.add_argument("--broadcasts", type=int, default=10, help="broadcasts from random nodes (default 10)")
-    swarm.add_argument("--heartbeat-interval", type=float, default=None, help="default 2.0 s")
+    swarm.add_argument("--rate", type=float, default=10.0,
+                       help="broadcasts per second (default 10; 0: all at once)")
+    swarm.add_argument("--duration", type=float, default=None,
+                       help="length of the broadcast phase in seconds: rate x duration broadcasts "
+                            "(overrides --broadcasts)")
+    swarm.add_argument("--payload-size", type=int, default=64, help="bytes per broadcast (default 64)")
+    swarm.add_argument("--kill", type=float, default=0.0, metavar="FRACTION",
+                       help="after half the broadcasts, kill this fraction of the nodes (never node 0) "
+                            "abruptly, measure the heal, then send the other half")
+    swarm.add_argument("--heartbeat-interval", type=float, default=None,
+                       help="default: 2 s up to 200 nodes, then scaled to the connections")
     swarm.add_argument("--peer-timeout", type=float, default=None,
-                       help="default max(5.0, 2.5 x heartbeat interval) s")
-    swarm.add_argument("--converge-timeout", type=float, default=60.0, help="give up after (s)")
-    swarm.add_argument("--seed", type=int, default=None, help="random seed (which nodes broadcast)")
+                       help="default: 5 s up to 200 nodes, then 3 heartbeat intervals")
+    swarm.add_argument("--converge-timeout", type=float, default=120.0, help="give up after (default 120 s)")
+    swarm.add_argument("--seed", type=int, default=None,
+                       help="random seed: which nodes broadcast and are killed (printed when not given)")
     swarm.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     swarm.add_argument("--log-level", default="WARNING")
     swarm.set_defaults(func=cmd_swarm)
 
     bench = sub.add_parser("bench", help="gp2p against raw gevent sockets, in the same run",
-                           description="Measure gp2p and raw gevent sockets side by side and "
-                                       "print the ratios.")
-    bench.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+                           description="Measure gp2p and raw gevent sockets side by side, in one "
+                                       "process and across two, and print the ratios.")
+    bench.add_argument("--duration", type=float, default=2.0,
+                       help="seconds per measurement (default 2.0; all figures, both modes: about 1 min)")
+    bench.add_argument("--only", action=_ListAction, metavar="NAME",
+                       help="pingpong, request, oneway_100, oneway_64k, broadcast; repeatable or comma-separated")
+    bench.add_argument("--mode", default="both", choices=("inproc", "twoproc", "both"),
+                       help="far end in this process, in a child process, or both (default)")
     bench.add_argument("--codec", default="msgpack", choices=("msgpack", "json"))
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     bench.add_argument("--log-level", default="WARNING")
