@@ -172,15 +172,17 @@ class Peer:
         self._stream.abort()
         self.close(DisconnectReason.CONNECTION_LOST, send=False)
 
-    def kill(self, timeout: float = 1.0, reset: bool = False) -> None:
+    def kill(self, timeout: float = 1.0, reset: bool = False, block: bool = True) -> list:
         """Kill whatever of this peer still runs (used by the owner's shutdown); with
-        ``reset`` the socket is closed with a TCP reset, as a crash would."""
+        ``reset`` the socket is closed with a TCP reset, as a crash would. Returns the
+        greenlets killed (only scheduled to die with ``block=False``)."""
+        victims = self._tasks.kill(timeout=timeout, block=block)
         if reset:
             self._stream.abort()
-        self._tasks.kill(timeout=timeout)
         self._stream.close()
         self.state = CLOSED
         self._closed.set()
+        return victims
 
     # -- sending -----------------------------------------------------------------------
 

@@ -86,19 +86,29 @@ class TaskGroup:
         gevent.joinall(others, timeout=timeout)
         return all(g.dead for g in others)
 
-    def kill(self, timeout: float | None = 1.0, quiet: bool = False) -> None:
-        """Close the group and kill what still runs, logging each one by name."""
+    def kill(self, timeout: float | None = 1.0, quiet: bool = False, block: bool = True) -> list[Greenlet]:
+        """Close the group and kill what still runs, logging each one by name; return the
+        greenlets killed. With ``block=False`` the kills are only scheduled (the caller
+        joins them), so that many groups can be killed in one pass of the hub."""
         self.closing = True
         current = gevent.getcurrent()
         victims = [g for g in list(self._group) if g is not current and not g.dead]
         for greenlet in victims:
             if not quiet:
                 log.debug("killing %s", greenlet.name)
-        if victims:
+        if not victims:
+            return victims
+        if not block:
+            gevent.killall(victims, block=False)
+            return victims
+        try:
             gevent.killall(victims, block=True, timeout=timeout)
+        except gevent.Timeout:  # killall raises when they outlive ``timeout``
+            pass
         for greenlet in victims:
             if not greenlet.dead:
                 log.warning("greenlet %s did not die when killed", greenlet.name)
+        return victims
 
     def stop(self, timeout: float) -> None:
         """Close, wait up to ``timeout`` for the greenlets to end, then kill the rest."""
