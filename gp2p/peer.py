@@ -156,12 +156,34 @@ class Peer:
         self._on_close(self, reason)
 
     def _finish(self) -> None:
+        deadline = time.monotonic() + self._config.close_linger
         writer = self._greenlets.get("writer")
         if writer is not None and not writer.join(self._config.close_linger):
             writer.kill(block=True)
+        elif self.close_reason != DisconnectReason.CONNECTION_LOST:
+            self._linger(deadline)
         self._stream.close()
         self.state = CLOSED
         self._closed.set()
+
+    def _linger(self, deadline: float) -> None:
+        """Half-close, then read and drop until the other end closes too (or ``deadline``).
+
+        Closing a socket with unread bytes in its receive buffer sends a reset, and a reset
+        makes the other end drop what it has not read yet: our ``disconnect`` frame and
+        whatever preceded it (an evicted peer's farewell addresses). So the socket is only
+        closed once the other end has read everything and closed its side."""
+        shutdown = getattr(self._stream, "shutdown", None)
+        if shutdown is None:
+            return
+        try:
+            shutdown()
+            with gevent.Timeout(max(0.0, deadline - time.monotonic()), False):
+                scratch = bytearray(65536)
+                while self._stream.recv_into(scratch):
+                    pass
+        except OSError:
+            pass
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the socket is closed; True if it is."""

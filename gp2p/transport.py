@@ -2,7 +2,7 @@
 
 Its interface is deliberately narrow, so that an in-memory transport can replace it:
 ``listen(spec, handler, pool_size) -> Listener`` and ``dial(address, timeout, source) ->
-Stream``. A Stream has ``sendall``, ``recv_into``, ``close``, ``abort`` and ``remote_ip``.
+Stream``. A Stream has ``sendall``, ``recv_into``, ``shutdown`` (half-close), ``close``, ``abort`` and ``remote_ip``.
 gevent's own socket module is used, so it is cooperative whether or not the application
 monkey-patched the standard library.
 """
@@ -55,6 +55,10 @@ class Stream:
     def close(self) -> None:
         """Close the socket; safe to call twice."""
         self.sock.close()
+
+    def shutdown(self) -> None:
+        """Half-close: send FIN after what was written; reading still works."""
+        self.sock.shutdown(_stdsocket.SHUT_WR)
 
     def abort(self) -> None:
         """Close with a TCP reset instead of a FIN (simulates a crash)."""
