@@ -158,7 +158,9 @@ class Peer:
     def _finish(self) -> None:
         deadline = time.monotonic() + self._config.close_linger
         writer = self._greenlets.get("writer")
-        if writer is not None and not writer.join(self._config.close_linger):
+        if writer is not None:
+            writer.join(self._config.close_linger)  # returns None, whether or not it ended
+        if writer is not None and not writer.dead:
             writer.kill(block=True)
         elif self.close_reason != DisconnectReason.CONNECTION_LOST:
             self._linger(deadline)

@@ -257,3 +257,4 @@ def test_an_evicted_dialer_backs_off_before_redialling(nodes):
     assert log[2][0] == "up" and log[2][1] - log[1][1] >= 0.45
     wait_until(lambda: [p.id for p in a.peers] == [b.id])
     assert a.metrics["evicted"] == 2  # the newcomer made way in turn, and does not redial
+

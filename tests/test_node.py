@@ -2,11 +2,14 @@
 import os
 
 import gevent
+import msgpack
 import pytest
 
 import gp2p
 from gp2p import DisconnectReason, PeerGone
-from gp2p.testing import alive_greenlets, assert_stopped_clean, fd_count, next_host, wait_until
+from gp2p.testing import (RawPeer, alive_greenlets, assert_stopped_clean, disconnect_reason, fd_count, next_host,
+                          wait_until)
+from gp2p.wire import frame
 
 
 def test_stop_leaves_no_greenlet_or_socket(nodes):
@@ -187,3 +190,24 @@ def test_kill_resets_every_connection_and_leaves_nothing(nodes, tmp_path):
     wait_until(lambda: len(reasons) == 3, timeout=5)
     assert set(reasons) == {DisconnectReason.CONNECTION_LOST}
     assert not os.path.exists(victim._datadir.book_path)  # stop() would have written it
+
+
+
+def test_a_peer_closed_while_it_is_still_sending_gets_the_reason_not_a_reset(nodes):
+    # closing a socket with unread bytes sends a reset, which destroys the disconnect frame
+    # (and an evicted peer's farewell addresses) and fails the other end's writes; the node
+    # must half-close and drain until the other end closes instead
+    node = nodes.make()
+    raw = RawPeer.dial(node.address).handshake()
+    wait_until(lambda: node.peers)
+    frames = b"".join(frame(msgpack.packb({"type": "msg", "kind": "sink", "payload": b"x" * 10_000}),
+                            1 << 20) for _ in range(3000))
+    sender = gevent.spawn(raw.send_bytes, frames)  # 30 MB: more than socket buffers hold
+    wait_until(lambda: node.metrics["unhandled"] >= 1)
+    node.peers[0].close(DisconnectReason.BANNED, "test")
+    sender.join(timeout=10)
+    assert sender.successful(), sender.exception  # a reset would fail the send
+    msg, _ = raw.recv_until(lambda m: m.get("type") == "disconnect")
+    assert disconnect_reason(msg) == DisconnectReason.BANNED
+    assert raw.wait_closed() == b""
+    raw.close()
