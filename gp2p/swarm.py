@@ -646,9 +646,11 @@ class Swarm:
         count = min(self.n - 1, round(self.kill_fraction * self.n))
         victims = self.random.sample(range(1, self.n), count)
         killed_at = time.monotonic()
+        dying = []
         for i in victims:
             self.live.discard(i)
-            self.nodes[i].kill()
+            dying += self.nodes[i].kill(block=False)
+        gevent.joinall(dying, timeout=5.0)
         result.killed = count
         self.view.log(f"killed {count} nodes abruptly; waiting for the survivors to heal")
         self.phase = "healing"

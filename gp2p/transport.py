@@ -87,6 +87,14 @@ class Listener:
         """Stop accepting and kill handlers still running after ``timeout``."""
         self._server.stop(timeout=timeout)
 
+    def abort(self) -> list:
+        """Stop accepting and tell every handler to die, without waiting; return the
+        handlers (to join)."""
+        self._server.close()
+        handlers = list(self._server.pool or ())
+        gevent.killall(handlers, block=False)
+        return handlers
+
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
