@@ -51,6 +51,10 @@ class BanList:
     def __repr__(self) -> str:
         return f"<BanList {len(self._bans)} bans {len(self._discouraged)} discouraged>"
 
+    def __len__(self) -> int:
+        """Bans and discouragements held (some may have expired and not been swept yet)."""
+        return len(self._bans) + len(self._discouraged)
+
     def ban(self, target: str, seconds: float, now: float) -> _Network:
         """Ban ``target`` (an address or subnet) for ``seconds``; returns the network."""
         if not seconds > 0:

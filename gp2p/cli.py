@@ -106,6 +106,10 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from gp2p.swarm import Swarm, SwarmTooBig, make_view
 
     _setup_logging(args.log_level)
+    # this process is the swarm's: gevent's record of where each greenlet was spawned (a
+    # stack summary per greenlet) costs time and memory that hundreds of thousands of
+    # connection greenlets do not need
+    gevent.config.track_greenlet_tree = False
     try:
         swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages,
                       broadcasts=args.broadcasts, rate=args.rate, duration=args.duration,
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
     swarm.add_argument("--outbound", type=int, default=8, help="outbound connections per node (default 8)")
     swarm.add_argument("--transport", choices=("tcp", "memory"), default="tcp",
-                       help="tcp: 127.1.x.y loopback sockets (default); memory: the in-memory "
+                       help="tcp: 127.x.y.z loopback sockets (default); memory: the in-memory "
                             "network, 10.x.y.z, no file descriptors")
     swarm.add_argument("--messages", type=int, default=1, help="messages each node sends each peer (default 1)")
     swarm.add_argument("--broadcasts", type=int, default=10, help="broadcasts from random nodes (default 10)")

@@ -121,8 +121,10 @@ class Dialer:
         busy.update(p.address for p in self.pm.by_id.values() if p.address)
         busy.update(self.pm.own_addresses)
         groups = {network_group(p.remote_ip) for p in outbound}
+        # with nothing banned, skip a ban lookup per book entry
+        is_banned = self.pm.is_banned if len(self.pm.bans) else None
         return self.book.select(time.time(), exclude=busy, exclude_ids=set(self.pm.by_id),
-                                is_banned=self.pm.is_banned, rng=self._rng, avoid_groups=groups)
+                                is_banned=is_banned, rng=self._rng, avoid_groups=groups)
 
     def _dial_from_book(self, address: str) -> None:
         self._dialing.add(address)

@@ -40,6 +40,10 @@ FRESH = 600.0
 #: only messages this small are relayed (large ones are answers, not announcements)
 RELAY_MAX_ENTRIES = 10
 RELAY_FANOUT = 2
+#: relayed addresses wait up to this long to share one addr message per peer (the node
+#: calls :meth:`Discovery.flush`): when many nodes join at once, every node relays every
+#: newcomer, and one message per address per peer would cost more than the rest of the join
+RELAY_INTERVAL = 0.5
 #: addresses handed to a peer we evict
 FAREWELL_ENTRIES = 100
 RELAYED_MEMORY = 20_000
@@ -75,7 +79,8 @@ class Discovery:
     def __init__(self, book: AddressBook, metrics: Any, *, node_id: str,
                  own_address: Callable[[], str | None], peers: Callable[[], Iterable[Any]],
                  learned: Callable[[], None], rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 relay_pending: Callable[[], None] = lambda: None):
         self.book = book
         self._metrics = metrics
         self._node_id = node_id
@@ -86,6 +91,10 @@ class Discovery:
         self._clock = clock
         self._state: dict[Any, _PeerState] = {}
         self._relayed: OrderedDict[str, float] = OrderedDict()
+        #: peer -> relayed entries not sent yet (see RELAY_INTERVAL); ``relay_pending()`` is
+        #: called when some wait, so that an idle node's flusher can sleep
+        self._outbox: dict[Any, list[dict]] = {}
+        self._relay_pending = relay_pending
 
     def __repr__(self) -> str:
         return f"<Discovery book={len(self.book)} peers={len(self._state)}>"
@@ -107,7 +116,10 @@ class Discovery:
         own = self._own_address()
         if own:
             self._send(peer, [{"address": own, "id": self._node_id, "seen": now}])
-        if peer.direction == "outbound":
+        if peer.direction == "outbound" and len(self.book) < self.book.capacity // 2:
+            # a book at least half full has plenty to dial: asking every new outbound peer
+            # anyway would have each of thousands of nodes take in hundreds of addresses per
+            # connection for nothing (the dialer still asks when it runs short: ask_more)
             self._ask(peer, state)
 
     def _ask(self, peer: Any, state: _PeerState) -> None:
@@ -127,6 +139,14 @@ class Discovery:
 
     def peer_closed(self, peer: Any) -> None:
         self._state.pop(peer, None)
+        self._outbox.pop(peer, None)
+
+    def flush(self) -> None:
+        """Send the relayed addresses that are waiting, one addr message per peer."""
+        outbox, self._outbox = self._outbox, {}
+        for peer, entries in outbox.items():
+            if peer in self._state:
+                self._send(peer, entries)
 
     def farewell(self, peer: Any) -> None:
         """Give a peer we are about to evict addresses to go to instead (unsolicited, so
@@ -173,8 +193,12 @@ class Discovery:
                 self._metrics.inc("discovery.rate_limited")
                 continue
             address, node_id, seen = entry
-            if self.book.add(address, node_id, peer.remote_ip, now, seen):
-                added += 1
+            if not self.book.add(address, node_id, peer.remote_ip, now, seen):
+                continue
+            added += 1
+            # only news is passed on: an address we knew already has been spreading
+            # without us (relaying it anyway sends every address to every node twice over,
+            # which dominates the cost of many nodes joining at once)
             if relay and now - FRESH <= seen <= now + 60:
                 self._relay(peer, address, node_id, min(seen, now), now)
         self._metrics.inc("discovery.learned", added)
@@ -191,5 +215,10 @@ class Discovery:
             self._relayed.popitem(last=False)
         targets = [p for p in self._peers() if p is not source and p.id != node_id]
         for peer in self._rng.sample(targets, min(RELAY_FANOUT, len(targets))):
-            self._send(peer, [{"address": address, "id": node_id, "seen": seen}])
+            box = self._outbox.setdefault(peer, [])
+            box.append({"address": address, "id": node_id, "seen": seen})
+            if len(box) >= RELAY_MAX_ENTRIES:
+                self._send(peer, self._outbox.pop(peer))
+            else:
+                self._relay_pending()
             self._metrics.inc("discovery.relayed")

@@ -14,7 +14,7 @@ from gp2p.bans import BanList
 from gp2p.codec import by_name
 from gp2p.datadir import DataDir
 from gp2p.dialer import Dialer
-from gp2p.discovery import Discovery
+from gp2p.discovery import RELAY_INTERVAL, Discovery
 from gp2p.config import Config
 from gp2p.dispatch import Context, Dispatcher
 from gp2p.gossip import Gossip
@@ -34,6 +34,9 @@ __all__ = ["Node"]
 
 #: how often the address book and bans are saved to datadir (and at stop)
 SAVE_INTERVAL = 60.0
+#: listener slots beyond max_inbound + max_pending, so that a full node still accepts and
+#: refuses at once (the dialler moves on) instead of leaving dials in the backlog to time out
+REFUSAL_SLOTS = 32
 
 
 class Node:
@@ -59,6 +62,7 @@ class Node:
         self._pm: PeerManager | None = None
         self._stopped = Event()
         self._closing = Event()
+        self._relay_wanted = Event()
         self._failure: BaseException | None = None
         self._datadir: DataDir | None = None
         self._bans = BanList()
@@ -150,10 +154,11 @@ class Node:
                                   peers=self._pm.by_id.values, encode=self._local.encode)
             self._discovery = Discovery(book, self.metrics, node_id=self.identity.id,
                                         own_address=lambda: self.address,
-                                        peers=self._pm.by_id.values, learned=self._dialer.wake)
+                                        peers=self._pm.by_id.values, learned=self._dialer.wake,
+                                        relay_pending=self._relay_wanted.set)
             if cfg.listen is not None:
                 self._listener = self.transport.listen(cfg.listen, self._pm.handle_inbound,
-                                                       cfg.max_inbound + cfg.max_pending,
+                                                       cfg.max_inbound + cfg.max_pending + REFUSAL_SLOTS,
                                                        on_error=self._crashed)
                 self._local.listen = self.address
                 book.set_own([self.address, self._listener.address], self.identity.id)
@@ -161,6 +166,7 @@ class Node:
             self.metrics.gauge("addresses", lambda: len(book))
             self.metrics.gauge("gossip.seen_evicted", lambda: self._gossip.seen.evicted)
             self._dialer.start()
+            self.tasks.spawn("relay", self._relay_loop)
             if self._datadir is not None:
                 self.tasks.spawn("saver", self._save_loop)
         except BaseException:
@@ -200,6 +206,7 @@ class Node:
             return []
         self._closed = True
         self._closing.set()
+        self._relay_wanted.set()  # wakes the relay loop, which then sees _closing
         if self._listener is not None:
             self._listener.close()
         if self._dialer is not None:
@@ -209,7 +216,7 @@ class Node:
         victims = []
         if self._pm is not None:
             self._pm.close()
-            for peer in list(self._pm.connections):
+            for peer in list(self._pm.connections) + list(self._pm.lingering):
                 victims += peer.kill(reset=True, block=False)
         self._dispatcher.close()
         if self.tasks is not None:
@@ -229,6 +236,7 @@ class Node:
     def _shutdown(self, timeout: float) -> None:
         self._closed = True
         self._closing.set()
+        self._relay_wanted.set()  # wakes the relay loop, which then sees _closing
         deadline = time.monotonic() + timeout
         if self._listener is not None:
             self._listener.close()
@@ -241,6 +249,7 @@ class Node:
             peers = list(pm.connections)
             for peer in peers:
                 peer.close(DisconnectReason.SHUTDOWN, "node stopping")
+            peers += list(pm.lingering)  # closed earlier, still flushing or lingering
             for peer in peers:
                 peer.wait_closed(max(0.0, deadline - time.monotonic()))
         self._dispatcher.wait_quiet(max(0.0, deadline - time.monotonic()))
@@ -265,6 +274,16 @@ class Node:
             self._datadir.save_bans(self._bans)
         except OSError:
             log.exception("could not save the address book or bans in %s", self._datadir.path)
+
+    def _relay_loop(self) -> None:
+        # relayed addresses wait up to RELAY_INTERVAL to share a message; an idle node's
+        # loop sleeps until some are queued (thousands of nodes in a swarm)
+        while True:
+            self._relay_wanted.wait()
+            if self._closing.wait(RELAY_INTERVAL):
+                return
+            self._relay_wanted.clear()
+            self._discovery.flush()
 
     def _save_loop(self) -> None:
         while not self._closing.wait(SAVE_INTERVAL):

@@ -187,6 +187,15 @@ class Peer:
         except OSError:
             pass
 
+    @property
+    def socket_closed(self) -> bool:
+        """True once the socket is closed (after ``closed``, which is true from close())."""
+        return self._closed.is_set()
+
+    def when_socket_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from the hub) once the socket is closed."""
+        self._closed.rawlink(lambda _event: callback())
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the socket is closed; True if it is."""
         return self._closed.wait(timeout)

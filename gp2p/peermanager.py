@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -80,6 +81,8 @@ class PeerManager:
         self._on_error = on_error
         self.by_id: dict[str, Peer] = {}
         self.connections: set[Peer] = set()
+        #: peers closed (no longer in ``connections``) whose socket is not closed yet
+        self.lingering: set[Peer] = set()
         #: addresses that turned out to be ourselves: never dialled again
         self.own_addresses: set[str] = set()
         self.pending = 0
@@ -167,15 +170,20 @@ class PeerManager:
 
     def _peer_closed(self, peer: Peer, reason: DisconnectReason) -> None:
         self.connections.discard(peer)
+        if not peer.socket_closed:
+            # still flushing and lingering: the node's stop waits for it too (this must
+            # not yield: admission counts peers while it evicts)
+            self.lingering.add(peer)
+            peer.when_socket_closed(lambda: self.lingering.discard(peer))
         if self._closed is not None:
             self._closed(peer, reason)
         self.metrics.inc(f"disconnects.{reason.name}")
         if reason in VIOLATIONS and not peer.closed_by_remote:
             self.discourage(peer.remote_ip, reason)
         if reason == DisconnectReason.EVICTED and peer.closed_by_remote and peer.dialed_address:
-            # back off as after a refused dial: otherwise two nodes with nowhere else to go
-            # evict each other from a full node as fast as they can redial it
-            self.book.failed(peer.dialed_address, time.time())
+            # a full node: go elsewhere for a while, or the nodes that know it evict each
+            # other from it as fast as they can redial it (a swarm's seed, typically)
+            self.book.evicted(peer.dialed_address, time.time())
         if self.by_id.get(peer.id) is not peer:
             return  # a losing duplicate: the app never saw it
         del self.by_id[peer.id]
@@ -298,6 +306,13 @@ class PeerManager:
             return existing
         if self.is_banned(parse_address(address)[0]):
             raise PeerGone(f"{address} is banned")
+        # a transport may bound the dials in flight (connect and handshake) across many
+        # nodes: a swarm in one process does, so its start is not one burst
+        slot = getattr(self.transport, "dial_slot", None)
+        with slot() if slot is not None else contextlib.nullcontext():
+            return self._connect(address, timeout)
+
+    def _connect(self, address: str, timeout: float | None) -> Peer:
         self.book.attempt(address, time.time())
         connect_timeout = timeout or self.config.connect_timeout
         try:

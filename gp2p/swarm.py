@@ -1,6 +1,6 @@
 """Swarm: many nodes as greenlets in one process, and the figures that show them working.
 
-Node *i* listens on its own address (127.1.x.y over TCP, 10.x.y.z on the in-memory network)
+Node *i* listens on its own address (127.x.y.z over TCP, 10.x.y.z on the in-memory network)
 and dials from it. Every node but node 0 knows only node 0; discovery (getaddr/addr) does
 the rest. The timeline of a run:
 
@@ -25,6 +25,7 @@ progress on stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -36,7 +37,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import gevent
 from gevent.event import Event
@@ -64,6 +65,8 @@ BOOK_CAP = 1024
 HEARTBEAT_BUDGET = 2000
 #: file descriptors the process needs besides the nodes' sockets
 FD_RESERVE = 200
+#: node 0's max_pending: all the others dial it at once
+SEED_PENDING = 256
 #: how long a phase waits for its deliveries, and the kill phase for a heal
 PHASE_TIMEOUT = 30.0
 MEMORY_PORT = 7000
@@ -74,12 +77,17 @@ class SwarmTooBig(GP2PError):
 
 
 def swarm_address(index: int, transport: str = "tcp") -> str:
-    """The listen address of node ``index``: 127.1.0.1, 127.1.0.2, ... 127.1.1.1, ... over
-    TCP; 10.0.0.1:7000, ... on the in-memory network."""
-    a, b, c = 1 + index // 62500, (index // 250) % 250, index % 250 + 1
+    """The listen address of node ``index``: 127.1.0.1, 127.2.0.1, ... 127.250.0.1,
+    127.1.1.1, ... over TCP; 10.0.0.1:7000, 10.1.0.1:7000, ... in memory.
+
+    Consecutive nodes are in different /16 network groups, as hosts of a real network
+    would be: the address book bounds what one group can fill, so a swarm crammed into one
+    /16 would have every node know the same few hundred addresses (the first joiners) and
+    dial them all at once."""
+    a, b, c = index % 250, (index // 250) % 250, 1 + index // 62500
     if transport == "memory":
-        return f"10.{a - 1}.{b}.{c}:{MEMORY_PORT}"
-    return f"127.{a}.{b}.{c}:0"
+        return f"10.{a}.{b}.{c}:{MEMORY_PORT}"
+    return f"127.{a + 1}.{b}.{c}:0"
 
 
 def sizing(nodes: int, outbound: int) -> tuple[float, float]:
@@ -100,7 +108,7 @@ def fd_budget(nodes: int, outbound: int, transport: str = "tcp", dial_cap: int =
     uses none for its connections."""
     if transport == "memory":
         return FD_RESERVE
-    return nodes * (2 * outbound + 1) + 2 * dial_cap + FD_RESERVE
+    return nodes * (2 * outbound + 1) + 2 * dial_cap + SEED_PENDING + FD_RESERVE
 
 
 def ensure_fd_limit(budget: int) -> int:
@@ -304,7 +312,8 @@ def make_view(stream: TextIO = sys.stderr, live: bool | None = None) -> PlainVie
 
 
 class _GatedTransport:
-    """Wraps a transport: dials wait for ``gate`` and at most ``cap`` run at once."""
+    """Wraps a transport: dials wait for ``gate``, and at most ``cap`` dials (connect and
+    handshake: see ``PeerManager.connect``) run at once in the process."""
 
     def __init__(self, base: Any, cap: int):
         self.base = base
@@ -315,9 +324,13 @@ class _GatedTransport:
         return self.base.listen(*args, **kwargs)
 
     def dial(self, address: str, timeout: float, source: str | None = None) -> Any:
+        return self.base.dial(address, timeout, source)
+
+    @contextlib.contextmanager
+    def dial_slot(self) -> Iterator[None]:
         self.gate.wait()
         with self._slots:
-            return self.base.dial(address, timeout, source)
+            yield
 
 
 # -- the swarm ---------------------------------------------------------------------------
@@ -399,13 +412,13 @@ class Swarm:
         return _GatedTransport(base, DIAL_CAP)
 
     def _make_nodes(self) -> None:
-        handshake = max(10.0, self.peer_timeout)
         for i in range(self.n):
             bootstrap = [self.nodes[0].address] if i else []
             fields = dict(listen=swarm_address(i, self.transport_name), bootstrap=bootstrap,
                           target_outbound=self.outbound, heartbeat_interval=self.heartbeat_interval,
-                          peer_timeout=self.peer_timeout, handshake_timeout=handshake,
-                          connect_timeout=handshake, max_addresses=BOOK_CAP, network_id="gp2p-swarm")
+                          peer_timeout=self.peer_timeout, max_addresses=BOOK_CAP, network_id="gp2p-swarm")
+            if i == 0:  # every other node joins through it, at once: a seed's handshake queue
+                fields["max_pending"] = SEED_PENDING
             fields.update(self.config)
             node = Node(config=Config(**fields), transport=self._transport)
             node.on(KIND)(self._delivered)
@@ -523,7 +536,7 @@ class Swarm:
 
     def _run(self, result: SwarmResult) -> None:
         self._transport = self._make_transport()
-        where = "10.x.y.z (in memory)" if self.transport_name == "memory" else "127.1.x.y (TCP)"
+        where = "10.x.y.z (in memory)" if self.transport_name == "memory" else "127.x.y.z (TCP)"
         self.view.log(f"starting {self.n} nodes on {where}; each knows only node 0 and keeps "
                       f"{min(self.outbound, self.n - 1)} outbound connections; heartbeat "
                       f"{self.heartbeat_interval:g} s, peer timeout {self.peer_timeout:g} s, seed {self.seed}")

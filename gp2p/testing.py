@@ -117,7 +117,8 @@ class NodeFactory:
 
     ``make(**config)`` returns a started node listening on its own 127.x.y.z; its outbound
     sockets come from that address too. ``stop_all()`` stops every node and checks that no
-    greenlet or socket of any of them is left.
+    greenlet or socket of any of them is left. ``transport`` (e.g. a
+    :class:`gp2p.memnet.MemoryNetwork`) is given to every node; TCP by default.
     """
 
     #: fast timers; ``target_outbound=0`` keeps each test's topology exactly as it builds
@@ -125,14 +126,15 @@ class NodeFactory:
     defaults = {"heartbeat_interval": 0.5, "peer_timeout": 2.0, "handshake_timeout": 3.0,
                 "connect_timeout": 2.0, "target_outbound": 0}
 
-    def __init__(self, **defaults: Any):
+    def __init__(self, transport: Any = None, **defaults: Any):
         self.defaults = {**self.defaults, **defaults}
+        self.transport = transport
         self.nodes: list[Node] = []
 
     def make(self, start: bool = True, **fields: Any) -> Node:
         fields = {**self.defaults, **fields}
         fields.setdefault("listen", f"{next_host()}:0")
-        node = Node(**fields)
+        node = Node(transport=self.transport, **fields)
         self.nodes.append(node)
         if start:
             node.start()

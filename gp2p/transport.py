@@ -96,6 +96,17 @@ class Listener:
         return handlers
 
 
+def _literal_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 when ``host`` is an IP address literal, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            _stdsocket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -159,8 +170,23 @@ def listen(spec: str, handler: Callable[[Stream], None], pool_size: int,
 def dial(address: str, timeout: float, source: str | None = None) -> Stream:
     """Connect to ``address`` (``host:port``) from the local IP ``source``, if given."""
     host, port = parse_address(address)
-    sock = socket.create_connection((host, port), timeout=timeout,
-                                    source_address=(source, 0) if source else None)
+    family = _literal_family(host)
+    if family is None:
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
+    else:
+        # an IP literal needs no resolving: create_connection would still send it through
+        # getaddrinfo, i.e. gevent's resolver thread pool, a queue that hundreds of
+        # concurrent dials (a swarm) wait on for seconds
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            if source:
+                sock.bind((source, 0))
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
     sock.settimeout(None)
     try:
         return Stream(sock)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gp2p import addressfile, jsonfile
-from gp2p.addressbook import AddressBook, canonical_address, network_group
+from gp2p.addressbook import EVICTED_BASE, EVICTED_CAP, AddressBook, canonical_address, network_group
 from gp2p.addressfile import AddressBookCorrupt, load, load_or_quarantine, save
 
 SECRET = bytes(range(32))
@@ -577,3 +577,20 @@ def test_load_or_quarantine_without_a_file_starts_empty(tmp_path, caplog):
     path = str(tmp_path / "addrbook.json")
     save(populated_book(), path)
     assert len(load_or_quarantine(path)) == len(populated_book())
+
+
+def test_a_node_that_evicts_us_is_left_alone_longer_each_time():
+    book = make_book()
+    address = "127.5.0.1:7000"
+    book.add(address, None, "127.9.0.1", T0)
+    book.good(address, T0)
+    assert book.evicted(address, T0) and not book.evicted("127.5.0.9:7000", T0)
+    assert book.retry_at(address) == T0 + EVICTED_BASE
+    book.good(address, T0 + EVICTED_BASE)  # a completed handshake does not reset it
+    book.evicted(address, T0 + EVICTED_BASE)
+    assert book.retry_at(address) == T0 + 3 * EVICTED_BASE
+    later = T0 + EVICTED_BASE + EVICTED_CAP + 1  # forgotten after a quiet spell
+    book.evicted(address, later)
+    assert book.retry_at(address) == later + EVICTED_BASE
+    assert book.select(later + 1, rng=random.Random(0)) is None
+    assert book.select(later + EVICTED_BASE, rng=random.Random(0)) == address

@@ -432,6 +432,54 @@ def test_stale_and_large_addr_messages_are_not_relayed(nodes):
     raw.close()
 
 
+def test_only_news_is_relayed_and_relays_to_a_peer_share_a_message(nodes):
+    a = nodes.make(**ROOMY)
+    source = RawPeer.dial(a.address).handshake()
+    target = RawPeer.dial(a.address).handshake()
+    wait_until(lambda: len(a.peers) == 2)
+    marker(source, 1)
+    news = [f"127.95.0.{i}:4242" for i in range(1, 4)]
+    source.send({"type": "addr", "addrs": entries(news)})
+    marker(source, 2)
+    assert a.metrics["discovery.relayed"] == 3  # each to the one other peer
+    # they reach the target together, in one addr message, within the relay interval
+    msg, _ = target.recv_until(lambda m: m.get("type") == "addr"
+                                         and any(e["address"] in news for e in m["addrs"]), timeout=5)
+    assert sorted(e["address"] for e in msg["addrs"]) == news
+    # an address the node knew already (here from a message too big to relay) is not
+    # passed on when it is announced: it has been spreading without this node
+    crowd = [f"127.95.1.{i}:4242" for i in range(1, 12)]
+    source.send({"type": "addr", "addrs": entries(crowd)})
+    marker(source, 3)
+    assert crowd[0] in book(a) and a.metrics["discovery.relayed"] == 3
+    source.send({"type": "addr", "addrs": entries(crowd[:1])})
+    marker(source, 4)
+    assert a.metrics["discovery.relayed"] == 3
+    source.close()
+    target.close()
+
+
+def test_a_node_with_a_well_stocked_book_does_not_ask_every_new_peer(nodes):
+    a = nodes.make(**ROOMY, max_addresses=64)
+    raw = RawPeer.dial(a.address).handshake()
+    raw.send({"type": "addr", "addrs": entries([f"127.94.{i}.1:4242" for i in range(1, 11)])})
+    marker(raw, 1)
+    b = nodes.make(**ROOMY)
+    a.connect(b.address)  # a book of 10 in a capacity of 64: ask
+    wait_until(lambda: b.metrics["discovery.getaddr_answered"] == 1)
+    raw.send({"type": "addr", "addrs": entries([f"127.94.{i}.1:4242" for i in range(11, 60)])})
+    marker(raw, 2)
+    assert len(book(a)) >= book(a).capacity // 2
+    c = nodes.make(**ROOMY)
+    a.connect(c.address)  # half full: do not ask
+    got = []
+    c.on("mark")(lambda peer, payload: got.append(payload))
+    a.send(c.id, "mark", 1)  # sent after the getaddr a would have sent
+    wait_until(lambda: got == [1])
+    assert c.metrics["discovery.getaddr_answered"] == 0
+    raw.close()
+
+
 # -- self-announcement ---------------------------------------------------------------
 
 def test_self_announced_address_stays_new_until_our_own_dial_succeeds(nodes):

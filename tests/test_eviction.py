@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gp2p import DisconnectReason, PeerGone
+from gp2p import DisconnectReason, PeerGone, addressbook
 from gp2p.eviction import Candidate, choose_eviction
 from gp2p.testing import NodeFactory, RawPeer, next_host, wait_until
 
@@ -238,9 +238,10 @@ def test_an_evicted_peer_is_handed_addresses_before_its_disconnect(nodes):
         raw.close()
 
 
-def test_an_evicted_dialer_backs_off_before_redialling(nodes):
+def test_an_evicted_dialer_backs_off_before_redialling(nodes, monkeypatch):
     # without a backoff, nodes that know only a full node evict each other from it as fast
     # as they can redial it (hundreds of evictions a second)
+    monkeypatch.setattr(addressbook, "EVICTED_BASE", 0.5)  # 15 s by default
     a = nodes.make(max_inbound=1, **QUIET)
     b = nodes.make(bootstrap=[a.address], **QUIET)
     log = []

@@ -6,7 +6,7 @@ import sys
 import pytest
 from gevent import subprocess
 
-from gp2p.swarm import (DIAL_CAP, PlainView, Swarm, SwarmTooBig, ensure_fd_limit, fd_budget,
+from gp2p.swarm import (DIAL_CAP, SEED_PENDING, PlainView, Swarm, SwarmTooBig, ensure_fd_limit, fd_budget,
                         format_status, make_view, sizing)
 from gp2p.testing import assert_stopped_clean
 
@@ -35,7 +35,7 @@ def test_heartbeat_round_trips_stay_near_the_budget():
 
 
 def test_fd_budget_counts_listeners_connections_and_dials():
-    assert fd_budget(1000, 8) == 1000 * 17 + 2 * DIAL_CAP + 200
+    assert fd_budget(1000, 8) == 1000 * 17 + 2 * DIAL_CAP + SEED_PENDING + 200
     assert fd_budget(10000, 8, "memory") == 200
 
 
