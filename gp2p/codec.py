@@ -31,6 +31,9 @@ class Codec:
         raise NotImplementedError
 
 
+_unpackb = msgpack.unpackb
+
+
 def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
@@ -52,10 +55,11 @@ class MsgpackCodec(Codec):
 
     def decode(self, data: bytes) -> Any:
         # unpackb bounds every container by the size of ``data`` itself, so a frame cannot
-        # announce more items than it has bytes for.
+        # announce more items than it has bytes for. Its defaults (msgpack >= 1.0) are what
+        # we want: str as str, lists, str or bytes map keys only. The timestamp extension
+        # does not reach ext_hook: it becomes a float, a type payloads may hold.
         try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                   use_list=True)
+            return _unpackb(data, ext_hook=_no_ext, timestamp=1)
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack raises many types for malformed input

@@ -145,8 +145,12 @@ class Discovery:
         """Send the relayed addresses that are waiting, one addr message per peer."""
         outbox, self._outbox = self._outbox, {}
         for peer, entries in outbox.items():
-            if peer in self._state:
-                self._send(peer, entries)
+            if peer not in self._state:
+                continue
+            if getattr(peer, "congested", False):  # relays are optional: never a SLOW_PEER
+                self._metrics.inc("discovery.relay_dropped", len(entries))
+                continue
+            self._send(peer, entries)
 
     def farewell(self, peer: Any) -> None:
         """Give a peer we are about to evict addresses to go to instead (unsolicited, so
@@ -218,7 +222,11 @@ class Discovery:
             box = self._outbox.setdefault(peer, [])
             box.append({"address": address, "id": node_id, "seen": seen})
             if len(box) >= RELAY_MAX_ENTRIES:
-                self._send(peer, self._outbox.pop(peer))
+                self._outbox.pop(peer)
+                if getattr(peer, "congested", False):
+                    self._metrics.inc("discovery.relay_dropped", len(box))
+                else:
+                    self._send(peer, box)
             else:
                 self._relay_pending()
             self._metrics.inc("discovery.relayed")

@@ -2,9 +2,13 @@
 
 Each connection has an :class:`Inbox` of work items. Inboxes with work wait in one ready
 queue; a worker takes an inbox, runs its oldest item, and puts the inbox back at the end
-if more is waiting, so peers take turns message by message. Workers are long-lived and
-never more than ``handler_concurrency`` (they are started as load first needs them, so an
-idle node in a thousand-node swarm holds few). No greenlet is spawned per message.
+if more is waiting, so peers take turns message by message. When no other inbox waits,
+the worker goes on with the same inbox without the round trip through the queue, but only
+as long as its handlers do not block: a callback of the hub, which runs only if one does,
+hands the inbox to another worker then, so the next item need not wait for the blocked
+one. Workers are long-lived and never more than ``handler_concurrency`` (they are started
+as load first needs them, so an idle node in a thousand-node swarm holds few). No
+greenlet is spawned per message.
 
 Ordering: a peer's items *start* in the order they were submitted (a worker takes an item
 and calls it without yielding in between). ``peer_connected`` is that peer's first item and
@@ -16,8 +20,9 @@ import logging
 from collections import deque
 from typing import Any, Callable
 
+import gevent
 from gevent.event import Event
-from gevent.queue import Queue
+from gevent.hub import Waiter
 
 from gp2p.messages import RESERVED_PREFIX
 from gp2p.tasks import GroupClosed, TaskGroup
@@ -68,7 +73,7 @@ def _describe(fn: Callable) -> str:
 class Inbox:
     """One peer's queue of work items ``(fn, args)``."""
 
-    __slots__ = ("peer", "items", "maxsize", "room", "scheduled", "requests", "blocked")
+    __slots__ = ("peer", "items", "maxsize", "room", "scheduled", "requests", "blocked", "server")
 
     def __init__(self, peer: Any, maxsize: int):
         self.peer = peer
@@ -80,6 +85,8 @@ class Inbox:
         self.requests = 0
         #: a request waits at the head for one of the running ones to finish
         self.blocked = False
+        #: the worker going on with this inbox after its current item, unless that blocks
+        self.server: Any = None
 
 
 class Dispatcher:
@@ -91,14 +98,19 @@ class Dispatcher:
         self.listeners: dict[str, list[Callable]] = {name: [] for name in EVENTS}
         self._tasks: TaskGroup | None = None
         self._metrics = metrics
+        self._counters = metrics.counters
         self._concurrency = concurrency
         self._inbox_size = inbox_size
         self._max_requests = max_requests
         #: our own deliveries (broadcasts we originate), with ``peer=None``
         self._local = Inbox(None, inbox_size)
-        self._ready: Queue = Queue()
+        #: inboxes waiting for a worker, and the idle workers' waiters
+        self._ready: deque[Inbox] = deque()
+        self._sleepers: deque[Waiter] = deque()
         self._workers = 0
-        self._idle = 0
+        #: workers running or handed an inbox (not idle)
+        self._active = 0
+        #: items running
         self._busy = 0
         self._quiet = Event()
         self._quiet.set()
@@ -106,6 +118,7 @@ class Dispatcher:
     def start(self, tasks: TaskGroup) -> None:
         """Run workers in ``tasks`` from now on (handlers may be registered before)."""
         self._tasks = tasks
+        self._loop = gevent.get_hub().loop
 
     # -- registry ----------------------------------------------------------------------
 
@@ -151,7 +164,15 @@ class Dispatcher:
         Called from the peer's reader: waiting here is what pushes back on the sender. The
         wait suspends the peer's liveness deadline. False if the peer closed meanwhile.
         """
-        return self._submit(peer, fn, args, False)
+        inbox = peer.inbox
+        if len(inbox.items) >= inbox.maxsize and not self._wait_for_room(peer, inbox):
+            return False
+        inbox.items.append((fn, args, False))
+        self._quiet.clear()
+        if not inbox.scheduled and not inbox.blocked:
+            inbox.scheduled = True
+            self._schedule(inbox)
+        return True
 
     def submit_request(self, peer: Any, fn: Callable, *args: Any) -> bool:
         """Like :meth:`submit`, for an inbound request: at most ``max_requests`` of one
@@ -164,16 +185,22 @@ class Dispatcher:
 
     def _submit(self, peer: Any, fn: Callable, args: tuple, is_request: bool) -> bool:
         inbox = peer.inbox
-        if len(inbox.items) >= inbox.maxsize:
-            self._metrics.inc("inbox_full")
-            with peer.backpressure():
-                while len(inbox.items) >= inbox.maxsize and not peer.closed:
-                    inbox.room.clear()
-                    inbox.room.wait()
-            if peer.closed:
-                return False
-        self._put(inbox, fn, args, is_request)
+        if len(inbox.items) >= inbox.maxsize and not self._wait_for_room(peer, inbox):
+            return False
+        inbox.items.append((fn, args, is_request))
+        self._quiet.clear()
+        if not inbox.scheduled and not inbox.blocked:
+            inbox.scheduled = True
+            self._schedule(inbox)
         return True
+
+    def _wait_for_room(self, peer: Any, inbox: Inbox) -> bool:
+        self._metrics.inc("inbox_full")
+        with peer.backpressure():
+            while len(inbox.items) >= inbox.maxsize and not peer.closed:
+                inbox.room.clear()
+                inbox.room.wait()
+        return not peer.closed
 
     def submit_final(self, peer: Any, fn: Callable, *args: Any) -> None:
         """Queue the peer's last item (it may exceed the bound: the reader is gone)."""
@@ -189,31 +216,40 @@ class Dispatcher:
             self._schedule(inbox)
 
     def _schedule(self, inbox: Inbox) -> None:
-        """Put ``inbox`` in the ready queue, adding a worker if none is free to take it.
+        """Give ``inbox`` to an idle worker; with none, queue it and add a worker.
 
-        Idle workers already woken for inboxes queued earlier are not free: one more is
-        needed whenever the queue holds more inboxes than there are idle workers, or a
-        handler blocking in every worker would stall the inboxes behind it.
+        A worker handed an inbox is no longer idle, even before it wakes: one more is
+        needed whenever no idle one is left, or a handler blocking in every worker would
+        stall the inboxes behind it. In the hub (a hand-off) the idle worker runs at once.
         """
-        self._ready.put(inbox)
-        if (self._ready.qsize() > self._idle and self._workers < self._concurrency
-                and self._tasks is not None):
+        if self._sleepers:
+            waiter = self._sleepers.popleft()
+            self._active += 1
+            if gevent.getcurrent() is waiter.hub:
+                waiter.switch(inbox)
+            else:
+                self._loop.run_callback(waiter.switch, inbox)
+            return
+        self._ready.append(inbox)
+        if self._workers < self._concurrency and self._tasks is not None:
             try:
                 self._tasks.spawn(f"worker:{self._workers + 1}", self._work)
                 self._workers += 1
+                self._active += 1
             except GroupClosed:
                 pass  # the node is stopping: what is queued now is dropped
 
     @property
     def pending(self) -> int:
         """Inboxes waiting for a worker plus items running."""
-        return self._ready.qsize() + self._busy
+        return len(self._ready) + self._busy
 
     def close(self) -> None:
         """Let every worker finish once the queue ahead of it is done."""
         self._tasks = None  # no new workers from now on
-        for _ in range(self._workers):
-            self._ready.put(None)
+        while self._sleepers:
+            waiter = self._sleepers.popleft()
+            self._loop.run_callback(waiter.switch, None)
         self._workers = 0
 
     def wait_quiet(self, timeout: float | None) -> bool:
@@ -223,38 +259,79 @@ class Dispatcher:
     def _work(self) -> None:
         ready = self._ready
         while True:
-            self._idle += 1
-            inbox = ready.get()
-            self._idle -= 1
-            if inbox is None:
-                return
-            items = inbox.items
-            fn, args, is_request = items[0]
-            if is_request and inbox.requests >= self._max_requests:
-                inbox.scheduled = False  # back in the queue when a request finishes
-                inbox.blocked = True
-                continue
-            items.popleft()
-            if items:
-                self._schedule(inbox)
+            if ready:
+                inbox = ready.popleft()
+            elif self._tasks is None:
+                self._active -= 1
+                return  # closed, and nothing left
             else:
-                inbox.scheduled = False
-            if len(items) < inbox.maxsize and not inbox.room.is_set():
-                inbox.room.set()
-            self._busy += 1
-            if is_request:
-                inbox.requests += 1
-            try:
-                fn(*args)
-            except Exception:
-                self._metrics.inc("handler_errors")
-                log.exception("handler %s failed", _describe(fn))
-            finally:
-                self._busy -= 1
-                if is_request:
-                    self._request_done(inbox)
-                if not self._busy and not ready.qsize():
+                self._active -= 1
+                if not self._active:
                     self._quiet.set()
+                waiter = Waiter()
+                self._sleepers.append(waiter)
+                try:
+                    inbox = waiter.get()
+                finally:
+                    if waiter in self._sleepers:  # killed while idle
+                        self._sleepers.remove(waiter)
+                if inbox is None:
+                    return
+            self._serve(inbox)
+
+    def _serve(self, inbox: Inbox) -> None:
+        """Run the inbox's next item; go on with the ones after it while no other inbox
+        waits and the handlers do not block (see :meth:`_hand_off`)."""
+        me = gevent.getcurrent()
+        items = inbox.items
+        ready = self._ready
+        handoff = None
+        try:
+            while True:
+                fn, args, is_request = items[0]
+                if is_request and inbox.requests >= self._max_requests:
+                    inbox.scheduled = False  # back in the queue when a request finishes
+                    inbox.blocked = True
+                    return
+                items.popleft()
+                if not inbox.room.is_set() and len(items) < inbox.maxsize:
+                    inbox.room.set()
+                if not items:
+                    inbox.scheduled = False
+                    inbox.server = None
+                elif ready:
+                    inbox.server = None
+                    self._schedule(inbox)  # another inbox waits: take turns
+                else:
+                    inbox.server = me
+                    if handoff is None:
+                        handoff = self._loop.run_callback(self._hand_off, inbox, me)
+                self._busy += 1
+                if is_request:
+                    inbox.requests += 1
+                try:
+                    fn(*args)
+                except Exception:
+                    self._metrics.inc("handler_errors")
+                    log.exception("handler %s failed", _describe(fn))
+                finally:
+                    self._busy -= 1
+                    if is_request:
+                        self._request_done(inbox)
+                if inbox.server is not me:
+                    return  # done with it, or it went to another worker while fn blocked
+        finally:
+            if inbox.server is me:
+                inbox.server = None
+            if handoff is not None:
+                handoff.stop()
+
+    def _hand_off(self, inbox: Inbox, worker: Any) -> None:
+        """In the hub, hence only if ``worker`` yielded: its handler blocks, so the items
+        after it go back in the queue for another worker."""
+        if inbox.server is worker:
+            inbox.server = None
+            self._schedule(inbox)
 
     def _request_done(self, inbox: Inbox) -> None:
         inbox.requests -= 1
@@ -267,14 +344,25 @@ class Dispatcher:
     # -- what workers run --------------------------------------------------------------
 
     def deliver(self, peer: Any, kind: str, payload: Any, ctx: Context) -> None:
-        """Run the handler of ``kind`` (a worker item)."""
+        """Run the handler of ``kind`` (a worker item): :meth:`check`, then :meth:`call`,
+        written out because it runs for every message."""
         handler = self.handlers.get(kind)
         if handler is None:
             self._metrics.inc("unhandled")
             log.debug("no handler for %r from %r", kind, peer)
             return
-        if self.check(handler, peer, payload):
-            self.call(handler, peer, payload, ctx)
+        if handler.validate is not None and not self.check(handler, peer, payload):
+            return
+        self._counters["delivered"] += 1
+        try:
+            if handler.context:
+                handler.fn(peer, payload, ctx)
+            else:
+                handler.fn(peer, payload)
+        except Exception:
+            self._metrics.inc("handler_errors")
+            log.exception("handler %s of %r failed on a message from %r",
+                          _describe(handler.fn), handler.kind, peer)
 
     def check(self, handler: Handler, peer: Any, payload: Any) -> bool:
         """Run the kind's validation hook, if any; a rejection (False or an exception) is

@@ -110,6 +110,11 @@ class Gossip:
         if hops >= self.max_hops:
             self._metrics.inc("gossip.hop_limit")
             return
+        origin = msg["origin"]
+        source_id = source.id
+        targets = [peer for peer in self._peers() if peer.id != source_id and peer.id != origin]
+        if not targets:
+            return
         try:
             data = self._encode({**msg, "hops": hops + 1})
         except (EncodeError, FrameTooLarge) as exc:
@@ -118,11 +123,9 @@ class Gossip:
             self._metrics.inc("gossip.unrelayable")
             log.info("broadcast %s cannot be relayed: %s", msg["id"], exc)
             return
-        origin = msg["origin"]
-        for peer in list(self._peers()):
-            if peer.id != source.id and peer.id != origin:
-                peer.send_frame_nowait(data)
-                self._metrics.inc("gossip.forwarded")
+        for peer in targets:
+            peer.send_frame_nowait(data)
+        self._metrics.inc("gossip.forwarded", len(targets))
 
 
 def _context(msg: dict) -> Context:

@@ -20,7 +20,19 @@ _HEX = frozenset("0123456789abcdef")
 
 def is_node_id(value: object) -> bool:
     """True for a 64-character lowercase hex string (an Ed25519 public key)."""
-    return isinstance(value, str) and len(value) == 2 * KEY_SIZE and _HEX.issuperset(value)
+    if type(value) is str and value in _VALID_IDS:  # every addr entry carries one: remember them
+        return True
+    if not (isinstance(value, str) and len(value) == 2 * KEY_SIZE and _HEX.issuperset(value)):
+        return False
+    if type(value) is str:
+        if len(_VALID_IDS) >= _VALID_IDS_MAX:
+            _VALID_IDS.clear()
+        _VALID_IDS.add(value)
+    return True
+
+
+_VALID_IDS: set[str] = set()
+_VALID_IDS_MAX = 65536
 
 
 def short_id(node_id: str | None) -> str:

@@ -95,6 +95,17 @@ KNOWN_TYPES = frozenset(SCHEMAS)
 HANDSHAKE_TYPES = frozenset(("hello", "ack", "disconnect"))
 
 
+#: type -> (fields that need only be present, (field, check) pairs, optional ones or None),
+#: so that validate() calls no check for payloads, which may be anything
+_SPECS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, _Check], ...], dict[str, _Check] | None]] = {
+    mtype: (tuple(name for name, check in schema.items() if check is _any),
+            tuple((name, check) for name, check in schema.items() if check is not _any),
+            _OPTIONAL.get(mtype))
+    for mtype, schema in SCHEMAS.items()
+}
+_MISSING = object()
+
+
 def validate(msg: Any) -> str:
     """Check a decoded message; return its type.
 
@@ -105,15 +116,39 @@ def validate(msg: Any) -> str:
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a map")
     mtype = msg.get("type")
-    if not _nonempty_str(mtype):
+    if mtype == "msg":  # most of the traffic: checked without a loop (else as below)
+        kind = msg.get("kind")
+        if isinstance(kind, str) and 0 < len(kind) <= MAX_NAME and "payload" in msg:
+            return mtype
+    elif mtype == "gossip":
+        kind, msg_id, hops, ts = msg.get("kind"), msg.get("id"), msg.get("hops"), msg.get("ts")
+        if (isinstance(kind, str) and 0 < len(kind) <= MAX_NAME and isinstance(msg_id, str)
+                and 0 < len(msg_id) <= MAX_NAME and type(hops) is int and 0 <= hops < U64
+                and type(ts) in (int, float) and "payload" in msg and is_node_id(msg.get("origin"))):
+            return mtype
+    elif mtype == "request":
+        kind, request_id = msg.get("kind"), msg.get("id")
+        if (isinstance(kind, str) and 0 < len(kind) <= MAX_NAME and type(request_id) is int
+                and 0 <= request_id < U64 and "payload" in msg):
+            return mtype
+    elif mtype == "response":
+        request_id = msg.get("id")
+        if (type(request_id) is int and 0 <= request_id < U64 and type(msg.get("ok")) is bool
+                and "error" not in msg):
+            return mtype
+    if not isinstance(mtype, str) or not 0 < len(mtype) <= MAX_NAME:
         raise ProtocolError("a message needs a string 'type'")
-    schema = SCHEMAS.get(mtype)
-    if schema is None:
+    spec = _SPECS.get(mtype)
+    if spec is None:
         return mtype
-    for name, check in schema.items():
-        if name not in msg or not check(msg[name]):
+    present, checks, optional = spec
+    for name in present:
+        if name not in msg:
             raise ProtocolError(f"{mtype}: missing or bad field {name!r}")
-    optional = _OPTIONAL.get(mtype)
+    for name, check in checks:
+        value = msg.get(name, _MISSING)
+        if value is _MISSING or not check(value):
+            raise ProtocolError(f"{mtype}: missing or bad field {name!r}")
     if optional:
         for name, check in optional.items():
             if name in msg and not check(msg[name]):
@@ -132,11 +167,23 @@ def check_outgoing(kind: Any, payload: Any) -> None:
     ``gp2p.`` prefix; dict keys in the payload must be strings. Raises
     :class:`~gp2p.errors.EncodeError` (a ``ValueError``).
     """
+    if type(kind) is not str or kind not in _GOOD_KINDS:
+        _check_kind(kind)
+    if type(payload) not in _SCALARS:
+        _check_value(payload, 0)
+
+
+#: kinds check_outgoing() accepted already (an application uses a handful)
+_GOOD_KINDS: set[str] = set()
+
+
+def _check_kind(kind: Any) -> None:
     if not _nonempty_str(kind):
         raise EncodeError(f"a message kind is a string of 1 to {MAX_NAME} characters, not {kind!r}")
     if kind.startswith(RESERVED_PREFIX):
         raise EncodeError(f"kind {kind!r} uses the reserved prefix {RESERVED_PREFIX!r}")
-    check_payload(payload)
+    if type(kind) is str and len(_GOOD_KINDS) < 1024:
+        _GOOD_KINDS.add(kind)
 
 
 def check_payload(payload: Any) -> None:
