@@ -49,6 +49,7 @@ from gp2p import transport as tcp_transport
 from gp2p.config import Config
 from gp2p.errors import GP2PError
 from gp2p.node import Node
+from gp2p.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -522,12 +523,12 @@ class Swarm:
                              peer_timeout=self.peer_timeout, transport=self.transport_name,
                              outbound=self.outbound, seed=self.seed)
         ensure_fd_limit(self.budget())
-        monitor = gevent.spawn(self._monitor)
-        monitor.name = "swarm:monitor"
+        tasks = TaskGroup("swarm")
+        tasks.spawn("monitor", self._monitor)
         try:
             self._run(result)
         finally:
-            monitor.kill()
+            tasks.kill(quiet=True)
             self.phase = "stopping"
             self.stop()
             self.view.close()
