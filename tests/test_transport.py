@@ -315,9 +315,8 @@ def test_pool_size_caps_the_handlers_running_at_once(env):
     assert peak[0] == 2
 
 
-def test_listener_close_refuses_new_dials_and_stop_kills_running_handlers(env):
-    killed = []
-
+def greet_and_wait(killed):
+    """A handler that says hi, then waits for bytes that never come; records being killed."""
     def handler(stream):
         try:
             stream.sendall(b"hi")
@@ -325,8 +324,12 @@ def test_listener_close_refuses_new_dials_and_stop_kills_running_handlers(env):
         except gevent.GreenletExit:
             killed.append(True)
             raise
+    return handler
 
-    listener = env.listen(handler)
+
+def test_listener_close_refuses_new_dials_and_stop_kills_running_handlers(env):
+    killed = []
+    listener = env.listen(greet_and_wait(killed))
     client = env.dial(listener.address)
     assert read_exactly(client, 2) == b"hi"
     listener.close()
@@ -340,16 +343,7 @@ def test_listener_close_refuses_new_dials_and_stop_kills_running_handlers(env):
 
 def test_listener_abort_tells_handlers_to_die_without_waiting(env):
     killed = []
-
-    def handler(stream):
-        try:
-            stream.sendall(b"hi")
-            stream.recv_into(bytearray(10))  # the client never sends
-        except gevent.GreenletExit:
-            killed.append(True)
-            raise
-
-    listener = env.listen(handler)
+    listener = env.listen(greet_and_wait(killed))
     clients = [env.dial(listener.address) for _ in range(3)]
     for client in clients:
         assert read_exactly(client, 2) == b"hi"
