@@ -3,8 +3,11 @@
 - After an outbound handshake we ask ``getaddr``; the answer (an ``addr`` marked
   ``reply: true``, honoured only while we wait for one) is *solicited* and not rate-limited.
   Each connection also gets our own listen address once.
-- We answer ``getaddr`` once per connection with a sample of the book (at most 1000 entries
-  and about a quarter of it, tried and recent ones preferred).
+- We answer ``getaddr`` at most once per connection per minute with a sample of the book (at
+  most 1000 entries and about a quarter of it, but at least 32, tried and recent ones
+  preferred). A node short of addresses asks a peer it has not asked yet, or, once it has
+  asked them all, asks again the one it asked longest ago (at most every two minutes), so
+  that it also learns of nodes that joined after its own questions.
 - Unsolicited ``addr`` entries are limited per peer by a token bucket; fresh ones (seen in the
   last 10 minutes) arriving in small messages are relayed to 2 random other peers, at most
   once per address per relay window, so a new node becomes known without polling.
@@ -35,6 +38,10 @@ ADDR_BURST = 1000.0
 #: a getaddr answer holds at most this many entries, and at most this share of the book
 MAX_ANSWER = 1000
 ANSWER_FRACTION = 0.25
+#: ...but never fewer than this many entries: the fraction keeps a large book from being
+#: scraped in one question; in a small network it would make a newcomer learn one address
+#: per connection and leave it short of peers that are there to be had
+ANSWER_FLOOR = 32
 #: entries seen this recently are worth relaying
 FRESH = 600.0
 #: only messages this small are relayed (large ones are answers, not announcements)
@@ -47,16 +54,22 @@ RELAY_INTERVAL = 0.5
 #: addresses handed to a peer we evict
 FAREWELL_ENTRIES = 100
 RELAYED_MEMORY = 20_000
+#: a connection gets at most one getaddr answer per this many seconds...
+ANSWER_INTERVAL = 60.0
+#: ...and a node short of addresses asks a peer again only after this long (and only once
+#: every peer has been asked): otherwise a node that asked each of its peers once would
+#: never learn of nodes that joined after, unless a relay happened to reach it
+REASK_AFTER = 120.0
 
 
 class _PeerState:
-    __slots__ = ("bucket", "asked", "asked_once", "answered")
+    __slots__ = ("bucket", "asked", "asked_at", "answered_at")
 
     def __init__(self, now: float):
         self.bucket = TokenBucket(ADDR_RATE, ADDR_BURST, now)
-        self.asked = False       # we sent getaddr and its answer has not come yet
-        self.asked_once = False  # we sent it getaddr (each connection answers one)
-        self.answered = False    # we answered its getaddr
+        self.asked = False                   # we sent getaddr and its answer has not come yet
+        self.asked_at: float | None = None   # when we last sent it getaddr
+        self.answered_at: float | None = None  # when we last answered its getaddr
 
 
 def _entry(raw: Any, now: float) -> tuple[str, str | None, float] | None:
@@ -95,6 +108,7 @@ class Discovery:
         #: called when some wait, so that an idle node's flusher can sleep
         self._outbox: dict[Any, list[dict]] = {}
         self._relay_pending = relay_pending
+        self._reasked_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<Discovery book={len(self.book)} peers={len(self._state)}>"
@@ -123,17 +137,30 @@ class Discovery:
             self._ask(peer, state)
 
     def _ask(self, peer: Any, state: _PeerState) -> None:
-        state.asked = state.asked_once = True
+        state.asked = True
+        state.asked_at = self._clock()
         peer.send_nowait({"type": "getaddr"})
 
     def ask_more(self) -> bool:
         """The dialer is short of addresses: ask ``getaddr`` of one peer not asked yet (an
-        inbound one, typically, or one that answered before we knew many). False if none."""
-        candidates = [(peer, state) for peer, state in self._state.items() if not state.asked_once]
-        if not candidates:
-            return False
-        peer, state = self._rng.choice(candidates)
-        self._metrics.inc("discovery.asked_more")
+        inbound one, typically, or one that answered before we knew many); once every peer
+        has been asked, of the one asked longest ago, if that was ``REASK_AFTER`` ago or more
+        (and no other peer was asked again in that time). False if nobody may be asked now."""
+        candidates = [(peer, state) for peer, state in self._state.items() if state.asked_at is None]
+        if candidates:
+            peer, state = self._rng.choice(candidates)
+            self._metrics.inc("discovery.asked_more")
+        else:
+            now = self._clock()
+            if now - self._reasked_at < REASK_AFTER:
+                return False
+            waiting = [(state.asked_at, peer, state) for peer, state in self._state.items()
+                       if not state.asked and now - state.asked_at >= REASK_AFTER]
+            if not waiting:
+                return False
+            _, peer, state = min(waiting, key=lambda item: item[0])
+            self._reasked_at = now
+            self._metrics.inc("discovery.asked_again")
         self._ask(peer, state)
         return True
 
@@ -164,14 +191,14 @@ class Discovery:
 
     def on_getaddr(self, peer: Any, msg: dict) -> None:
         state = self._state.get(peer)
-        if state is None or state.answered:
+        now = self._clock()
+        if state is None or (state.answered_at is not None and now - state.answered_at < ANSWER_INTERVAL):
             self._metrics.inc("discovery.getaddr_ignored")
             return
-        state.answered = True
-        now = self._clock()
+        state.answered_at = now
         # the asker's own entry is drawn with one spare, so that leaving it out does not
         # shrink the answer (in a small book, to nothing)
-        limit = min(MAX_ANSWER, math.ceil(ANSWER_FRACTION * len(self.book)))
+        limit = min(MAX_ANSWER, max(ANSWER_FLOOR, math.ceil(ANSWER_FRACTION * len(self.book))))
         sample = self.book.sample(now, limit + 1, 1.0, rng=self._rng)
         entries = [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
                    for e in sample if e.node_id != peer.id and e.address != peer.address][:limit]

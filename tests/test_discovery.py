@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gp2p import DisconnectReason
 from gp2p.addressfile import load
-from gp2p.discovery import ADDR_BURST, ADDR_RATE
+from gp2p.discovery import ADDR_BURST, ADDR_RATE, ANSWER_FLOOR, ANSWER_FRACTION
 from gp2p.identity import Identity
 from gp2p.messages import MAX_ADDR_ENTRIES
 from gp2p.netgroup import network_group
@@ -205,10 +205,11 @@ def test_node_restarted_with_its_datadir_and_no_seed_rejoins(nodes, tmp_path):
 
 # -- getaddr -------------------------------------------------------------------------
 
-def test_getaddr_is_answered_once_per_connection(nodes):
+def test_getaddr_is_answered_once_per_connection_per_interval(nodes):
     a = nodes.make(**ROOMY)
-    for _ in range(3):
-        nodes.make(**ROOMY).connect(a.address)
+    others = [nodes.make(**ROOMY) for _ in range(3)]
+    for other in others:
+        other.connect(a.address)
     wait_until(lambda: len(book(a)) == 3 and a.metrics["discovery.getaddr_answered"] == 3)
     raw = RawPeer.dial(a.address).handshake()
     raw.send({"type": "getaddr"})
@@ -216,7 +217,8 @@ def test_getaddr_is_answered_once_per_connection(nodes):
     seen = marker(raw, 7)
     answers = [m for m in seen if m.get("type") == "addr" and m.get("reply") is True]
     assert len(answers) == 1
-    assert 1 <= len(answers[0]["addrs"]) <= math.ceil(0.25 * len(book(a)))
+    # a small book is answered whole (the quarter rule has a floor of ANSWER_FLOOR)
+    assert {e["address"] for e in answers[0]["addrs"]} == {o.address for o in others}
     assert a.metrics["discovery.getaddr_answered"] == 4
     assert a.metrics["discovery.getaddr_ignored"] == 1
     # the self-announcement came too, once, without the reply mark
@@ -231,23 +233,28 @@ def test_getaddr_is_answered_once_per_connection(nodes):
     other.close()
 
 
-def test_getaddr_answer_leaves_out_the_asker_without_shrinking(nodes):
+@pytest.mark.parametrize("extra", [0, 200], ids=["small-book", "large-book"])
+def test_getaddr_answer_leaves_out_the_asker_without_shrinking(nodes, extra):
     a = nodes.make(**ROOMY)
     for _ in range(3):
         nodes.make(**ROOMY).connect(a.address)
     wait_until(lambda: len(book(a)) == 3)
+    for i in range(extra):  # heard of from many networks, so that few collide
+        book(a).add(f"127.94.{i}.1:4242", None, f"127.{100 + i % 100}.{i}.1", time.time())
     claimed = "127.98.1.1:4242"
     for attempt in range(12):
-        # each asker claims the same listen address: the book holds 4 entries, one of them
-        # the asker's own, and answers with a quarter of it
+        # each asker claims the same listen address, so the book holds it among the others
         raw = RawPeer.dial(a.address)
         raw.local.listen = claimed
         raw.handshake()
         raw.send({"type": "getaddr"})
         [answer] = [m for m in marker(raw, attempt) if m.get("reply") is True]
-        assert len(book(a)) == 4 and book(a).get(claimed).node_id == raw.identity.id
-        assert len(answer["addrs"]) == 1, attempt
-        assert answer["addrs"][0]["address"] != claimed
+        size = len(book(a))
+        assert book(a).get(claimed).node_id == raw.identity.id
+        # a quarter of the book, but at least ANSWER_FLOOR: never one short for the asker
+        expected = min(size - 1, max(ANSWER_FLOOR, math.ceil(ANSWER_FRACTION * size)))
+        assert len(answer["addrs"]) == expected, attempt
+        assert claimed not in {e["address"] for e in answer["addrs"]}
         raw.close()
         wait_until(lambda: len(a.peers) == 3)
 
@@ -477,6 +484,25 @@ def test_a_node_with_a_well_stocked_book_does_not_ask_every_new_peer(nodes):
     a.send(c.id, "mark", 1)  # sent after the getaddr a would have sent
     wait_until(lambda: got == [1])
     assert c.metrics["discovery.getaddr_answered"] == 0
+
+
+def test_a_node_short_of_peers_asks_again_and_finds_a_later_joiner(nodes, monkeypatch):
+    # everyone it asked answered before the newcomer existed, and no relay can tell it: the
+    # seed learns the newcomer from its hello, so the self-announcement is not news to relay
+    monkeypatch.setattr("gp2p.discovery.REASK_AFTER", 0.3)
+    monkeypatch.setattr("gp2p.discovery.ANSWER_INTERVAL", 0.2)
+    monkeypatch.setattr("gp2p.dialer.IDLE_CHECK", 0.1)
+    seed = nodes.make(**ROOMY)
+    a = nodes.make(**ROOMY, target_outbound=2, bootstrap=[seed.address])
+    wait_until(lambda: seed.metrics["discovery.getaddr_answered"] == 1 and len(a.peers) == 1)
+    later = nodes.make(**ROOMY)
+    later.connect(seed.address)
+    wait_until(lambda: later.address in book(seed))
+    wait_until(lambda: later.id in {p.id for p in a.peers}, timeout=10)
+    assert a.metrics["discovery.asked_again"] >= 1
+    assert seed.metrics["discovery.getaddr_answered"] >= 2
+    assert seed.metrics["discovery.relayed"] == 0
+
 
 # -- self-announcement ---------------------------------------------------------------
 
