@@ -24,10 +24,12 @@ it is consistent) and a :class:`random.Random`. :mod:`gp2p.addressfile` saves an
 from __future__ import annotations
 
 import hashlib
+import functools
 import heapq
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +63,18 @@ FUTURE_SLACK = 600.0
 HORIZON = 30 * DAY
 
 
-@dataclass(eq=False)
+# the same addresses and ids are in the books of thousands of nodes in one swarm process:
+# each book keeps one shared string for each, not its own copy
+@functools.lru_cache(maxsize=65536)
+def _host(address: str) -> str:
+    return parse_address(address)[0]
+
+
+def _shared_id(node_id: str | None) -> str | None:
+    return sys.intern(node_id) if type(node_id) is str else node_id
+
+
+@dataclass(eq=False, slots=True)
 class AddressEntry:
     """One known address. Read its fields; change it only through :class:`AddressBook`.
 
@@ -86,7 +99,7 @@ class AddressEntry:
     group: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.host = parse_address(self.address)[0]
+        self.host = _host(self.address)
         self.group = network_group(self.host)
 
     def is_terrible(self, now: float) -> bool:
@@ -358,15 +371,15 @@ class AddressBook:
         entry = self._entries.get(key)
         if entry is not None:
             entry.last_seen = max(entry.last_seen, seen)
-            if node_id is not None and not entry.tried:
-                entry.node_id = node_id
+            if node_id is not None and not entry.tried and entry.node_id != node_id:
+                entry.node_id = _shared_id(node_id)
             self.counters["refreshed"] += 1
             return False
-        source = network_group(source_host) if source_host else network_group(parse_address(key)[0])
+        source = network_group(source_host) if source_host else network_group(_host(key))
         position = self._free_new_position(key, source, now)
         if position is None:
             return False
-        self._put(AddressEntry(key, source, node_id=node_id, last_seen=seen), False, position)
+        self._put(AddressEntry(key, source, node_id=_shared_id(node_id), last_seen=seen), False, position)
         self.counters["added"] += 1
         return True
 
@@ -384,12 +397,12 @@ class AddressBook:
             return False
         entry = self._entries.get(key)
         if entry is None:
-            entry = AddressEntry(key, network_group(parse_address(key)[0]))
+            entry = AddressEntry(key, network_group(_host(key)))
         entry.last_success = now
         entry.last_seen = max(entry.last_seen, now)
         entry.failures = 0
         if node_id is not None:
-            entry.node_id = node_id
+            entry.node_id = _shared_id(node_id)
         if entry.tried:
             return True
         if entry.bucket >= 0:

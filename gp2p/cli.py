@@ -108,7 +108,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     # this process is the swarm's: gevent's record of where each greenlet was spawned (a
     # stack summary per greenlet) costs time and memory that hundreds of thousands of
-    # connection greenlets do not need
+    # connection greenlets do not need; and the cyclic collector is kept off what has
+    # lived a while (Swarm(defer_full_gc=True))
     gevent.config.track_greenlet_tree = False
     try:
         swarm = Swarm(n=args.nodes, outbound=args.outbound, messages=args.messages,
@@ -116,7 +117,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
                       payload_size=args.payload_size, kill=args.kill, transport=args.transport,
                       seed=args.seed, heartbeat_interval=args.heartbeat_interval,
                       peer_timeout=args.peer_timeout, converge_timeout=args.converge_timeout,
-                      view=make_view(sys.stderr))
+                      view=make_view(sys.stderr), defer_full_gc=True)
         result = swarm.run()
     except (SwarmTooBig, ValueError) as exc:
         print(f"gp2p swarm: {exc}", file=sys.stderr)

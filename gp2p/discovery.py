@@ -54,6 +54,16 @@ RELAY_INTERVAL = 0.5
 #: addresses handed to a peer we evict
 FAREWELL_ENTRIES = 100
 RELAYED_MEMORY = 20_000
+#: a node asks the first few outbound peers for addresses as they connect (several sources,
+#: so that no one peer shapes its view), later ones only when it runs short (``ask_more``):
+#: a small book keeps only part of each answer, and asking every new peer while it stays
+#: small made addresses most of the work of 10,000 nodes joining at once
+ASK_SOURCES = 3
+#: a getaddr answer's sample is reused for this long, unless a tenth of the book is new
+#: since: askers in that time get the same sample, so asking again scrapes nothing more
+#: (Bitcoin Core caches its answer for a day), and a seed asked by thousands of joiners
+#: samples its book once, not thousands of times
+ANSWER_CACHE = 30.0
 #: a connection gets at most one getaddr answer per this many seconds...
 ANSWER_INTERVAL = 60.0
 #: ...and a node short of addresses asks a peer again only after this long (and only once
@@ -109,6 +119,9 @@ class Discovery:
         self._outbox: dict[Any, list[dict]] = {}
         self._relay_pending = relay_pending
         self._reasked_at = -math.inf
+        self._asked_sources = 0
+        #: (when, book's added counter then, entries): see ANSWER_CACHE
+        self._answer: tuple[float, int, list[dict]] | None = None
 
     def __repr__(self) -> str:
         return f"<Discovery book={len(self.book)} peers={len(self._state)}>"
@@ -130,10 +143,12 @@ class Discovery:
         own = self._own_address()
         if own:
             self._send(peer, [{"address": own, "id": self._node_id, "seen": now}])
-        if peer.direction == "outbound" and len(self.book) < self.book.capacity // 2:
+        if (peer.direction == "outbound" and self._asked_sources < ASK_SOURCES
+                and len(self.book) < self.book.capacity // 2):
             # a book at least half full has plenty to dial: asking every new outbound peer
             # anyway would have each of thousands of nodes take in hundreds of addresses per
             # connection for nothing (the dialer still asks when it runs short: ask_more)
+            self._asked_sources += 1
             self._ask(peer, state)
 
     def _ask(self, peer: Any, state: _PeerState) -> None:
@@ -196,14 +211,25 @@ class Discovery:
             self._metrics.inc("discovery.getaddr_ignored")
             return
         state.answered_at = now
-        # the asker's own entry is drawn with one spare, so that leaving it out does not
-        # shrink the answer (in a small book, to nothing)
         limit = min(MAX_ANSWER, max(ANSWER_FLOOR, math.ceil(ANSWER_FRACTION * len(self.book))))
-        sample = self.book.sample(now, limit + 1, 1.0, rng=self._rng)
-        entries = [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
-                   for e in sample if e.node_id != peer.id and e.address != peer.address][:limit]
+        entries = [e for e in self._answer_sample(now, limit)
+                   if e["id"] != peer.id and e["address"] != peer.address][:limit]
         self._metrics.inc("discovery.getaddr_answered")
         self._send(peer, entries, reply=True)
+
+    def _answer_sample(self, now: float, limit: int) -> list[dict]:
+        """The cached sample of the book (see ANSWER_CACHE), drawn again when it is stale.
+        It holds one spare entry, so that leaving out the asker's own does not shrink an
+        answer (in a small book, to nothing)."""
+        added = self.book.counters["added"]
+        cached = self._answer
+        if (cached is None or now - cached[0] >= ANSWER_CACHE or now < cached[0]
+                or added - cached[1] > len(self.book) // 10 or len(cached[2]) < min(limit + 1, len(self.book))):
+            sample = self.book.sample(now, limit + 1, 1.0, rng=self._rng)
+            cached = self._answer = (now, added, [{"address": e.address, "id": e.node_id, "seen": e.last_seen}
+                                                  for e in sample])
+            self._metrics.inc("discovery.answer_sampled")
+        return cached[2]
 
     def on_addr(self, peer: Any, msg: dict) -> None:
         state = self._state.get(peer)

@@ -28,7 +28,7 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def network_group(host: str) -> str:
     """The network group of ``host``: ``"127.5.0.0/16"``, ``"2001:db8::/32"`` or the name.
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gp2p import DisconnectReason
 from gp2p.addressfile import load
-from gp2p.discovery import ADDR_BURST, ADDR_RATE, ANSWER_FLOOR, ANSWER_FRACTION
+from gp2p.discovery import ADDR_BURST, ADDR_RATE, ANSWER_FLOOR, ANSWER_FRACTION, ASK_SOURCES
 from gp2p.identity import Identity
 from gp2p.messages import MAX_ADDR_ENTRIES
 from gp2p.netgroup import network_group
@@ -484,6 +484,36 @@ def test_a_node_with_a_well_stocked_book_does_not_ask_every_new_peer(nodes):
     a.send(c.id, "mark", 1)  # sent after the getaddr a would have sent
     wait_until(lambda: got == [1])
     assert c.metrics["discovery.getaddr_answered"] == 0
+
+
+def test_only_the_first_outbound_peers_are_asked_for_addresses(nodes):
+    a = nodes.make(**ROOMY)
+    others = [nodes.make(**ROOMY) for _ in range(ASK_SOURCES + 2)]
+    got = {}
+    for other in others:
+        a.connect(other.address)
+        other.on("mark")(lambda peer, payload, other=other: got.setdefault(other.id, payload))
+    for other in others:
+        a.send(other.id, "mark", 1)  # sent after the getaddr a would have sent
+    wait_until(lambda: len(got) == len(others))
+    answered = [o.metrics["discovery.getaddr_answered"] for o in others]
+    assert answered == [1] * ASK_SOURCES + [0, 0]
+
+
+def test_getaddr_askers_within_the_cache_time_get_the_same_sample(nodes):
+    a = nodes.make(**ROOMY)
+    for i in range(200):  # heard of from many networks, so that few collide
+        book(a).add(f"127.94.{i}.1:4242", None, f"127.{100 + i % 100}.{i}.1", time.time())
+    answers = []
+    for attempt in range(3):
+        raw = RawPeer.dial(a.address).handshake()
+        raw.send({"type": "getaddr"})
+        [answer] = [m for m in marker(raw, attempt) if m.get("reply") is True]
+        answers.append({e["address"] for e in answer["addrs"]})
+        raw.close()
+    assert len(answers[0]) == math.ceil(ANSWER_FRACTION * len(book(a))) < len(book(a))
+    assert answers[0] == answers[1] == answers[2]
+    assert a.metrics["discovery.answer_sampled"] == 1
 
 
 def test_a_node_short_of_peers_asks_again_and_finds_a_later_joiner(nodes, monkeypatch):

@@ -1,4 +1,5 @@
 """gp2p swarm: sizing, the file-descriptor budget, the kill/heal timeline and the JSON."""
+import gc
 import json
 import resource
 import sys
@@ -6,8 +7,8 @@ import sys
 import pytest
 from gevent import subprocess
 
-from gp2p.swarm import (DIAL_CAP, SEED_PENDING, PlainView, Swarm, SwarmTooBig, ensure_fd_limit, fd_budget,
-                        format_status, make_view, sizing)
+from gp2p.swarm import (DIAL_CAP, FULL_GC_THRESHOLD, SEED_PENDING, PlainView, Swarm, SwarmTooBig,
+                        ensure_fd_limit, fd_budget, format_status, make_view, sizing)
 from gp2p.testing import assert_stopped_clean
 
 JSON_KEYS = {"nodes", "heartbeat_interval", "peer_timeout", "converge_s", "connections", "broadcasts",
@@ -63,10 +64,24 @@ def test_cli_refuses_a_run_that_needs_too_many_fds():
     assert proc.stdout == ""
 
 
+class RecordingView(PlainView):
+    def __init__(self):
+        super().__init__(None)
+        self.gc_thresholds = []
+
+    def log(self, line):
+        self.gc_thresholds.append(gc.get_threshold())
+
+
 def test_kill_half_way_heals_and_reaches_every_survivor():
-    swarm = Swarm(n=16, outbound=3, broadcasts=6, rate=0, kill=0.25, seed=11,
-                  heartbeat_interval=0.5, peer_timeout=2.0, converge_timeout=30)
+    before = gc.get_threshold()
+    view = RecordingView()
+    swarm = Swarm(n=16, outbound=3, broadcasts=6, rate=0, kill=0.25, seed=11, view=view,
+                  heartbeat_interval=0.5, peer_timeout=2.0, converge_timeout=30, defer_full_gc=True)
     result = swarm.run()
+    # the CLI's setting: no full collection during the run, the collector as it was after
+    assert view.gc_thresholds and all(t[2] == FULL_GC_THRESHOLD for t in view.gc_thresholds)
+    assert gc.get_threshold() == before
     assert result.ok, result.summary()
     assert result.killed == 4 and len(swarm.live) == 12 and 0 in swarm.live
     assert result.heal_s is not None and result.coverage_after_kill == 1.0
