@@ -8,11 +8,13 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
 import gevent
-from gevent import socket
+from gevent import socket, subprocess
 from gevent.greenlet import Greenlet
 
 from gp2p import handshake, transport
@@ -22,8 +24,8 @@ from gp2p.identity import Identity
 from gp2p.node import Node
 from gp2p.wire import FrameReader, frame, preamble
 
-__all__ = ["wait_until", "hosts", "NodeFactory", "RawPeer", "alive_greenlets", "open_sockets",
-           "HubErrors"]
+__all__ = ["wait_until", "hosts", "NodeFactory", "RawPeer", "NodeProcess", "alive_greenlets",
+           "open_sockets", "HubErrors"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005,
@@ -254,3 +256,53 @@ def disconnect_reason(msg: dict) -> DisconnectReason | None:
 def fd_count() -> int:
     """Open file descriptors of this process (Linux)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+class NodeProcess:
+    """``gp2p node ARGS`` in a child process: its ``<id> <address>`` line is read at once
+    (``id``, ``address``), and its stderr is collected line by line in ``stderr_lines``.
+
+    ``env`` and ``cwd`` are passed to the child (e.g. a ``PYTHONPATH`` for a source tree).
+    """
+
+    def __init__(self, *args: str, env: dict | None = None, cwd: str | None = None,
+                 timeout: float = 30.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", "gp2p", "node", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        self.stderr_lines: list[str] = []
+        self._drain = gevent.spawn(self._read_stderr)
+        try:
+            with gevent.Timeout(timeout, AssertionError("the node printed no '<id> <address>' line")):
+                line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError("the node exited before listening:\n" + self.stderr())
+        except BaseException:
+            self.kill()
+            raise
+        self.id, self.address = line.split()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        """Wait for a stderr line containing ``text``."""
+        wait_until(lambda: any(text in line for line in self.stderr_lines), timeout,
+                   message=f"no log line with {text!r}:\n{self.stderr()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``sig``, then wait for the exit and all of stderr; the exit code."""
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self._drain.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        """Kill the child if it still runs (for cleanup)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._drain.kill()

@@ -3,13 +3,13 @@ import dataclasses
 import signal
 import sys
 
-import gevent
 from gevent import subprocess
 
 from gp2p.config import Config
-from gp2p.testing import next_host, wait_until
+from gp2p.testing import NodeProcess, next_host
 
 GP2P = [sys.executable, "-m", "gp2p"]
+FAST = ("--network-id", "cli-test", "--heartbeat-interval", "0.2", "--peer-timeout", "1")
 
 
 def run(*args, timeout=60):
@@ -33,48 +33,14 @@ def test_bad_flag_values_exit_2():
     assert proc.returncode == 2 and "peer_timeout" in proc.stderr
 
 
-class NodeProcess:
-    def __init__(self, *args):
-        self.proc = subprocess.Popen(GP2P + ["node", "--heartbeat-interval", "0.2", "--peer-timeout", "1",
-                                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stderr_lines = []
-        self._drain = gevent.spawn(self._read_stderr)
-
-    def _read_stderr(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    def first_line(self, timeout=20):
-        with gevent.Timeout(timeout):
-            return self.proc.stdout.readline().split()
-
-    def wait_log(self, text, timeout=20):
-        wait_until(lambda: any(text in line for line in self.stderr_lines), timeout,
-                   message=f"no log line with {text!r}:\n{''.join(self.stderr_lines)}")
-
-    def stop(self, sig=signal.SIGTERM, timeout=20):
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
-        self._drain.join(timeout=5)
-        return code
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._drain.kill()
-
-
 def test_node_prints_id_and_address_connects_and_stops_on_signals():
-    a = NodeProcess("--listen", f"{next_host()}:0", "--network-id", "cli-test")
+    a = NodeProcess("--listen", f"{next_host()}:0", *FAST)
     b = None
     try:
-        a_id, a_address = a.first_line()
-        assert len(a_id) == 64 and a_address.startswith("127.")
-        b = NodeProcess("--listen", f"{next_host()}:0", "--network-id", "cli-test", "--connect", a_address)
-        b_id, _ = b.first_line()
-        a.wait_log(f"peer connected: <Peer {b_id[:8]}")
-        b.wait_log(f"peer connected: <Peer {a_id[:8]}")
+        assert len(a.id) == 64 and a.address.startswith("127.")
+        b = NodeProcess("--listen", f"{next_host()}:0", *FAST, "--connect", a.address)
+        a.wait_log(f"peer connected: <Peer {b.id[:8]}")
+        b.wait_log(f"peer connected: <Peer {a.id[:8]}")
         assert b.stop(signal.SIGINT) == 0
         a.wait_log("SHUTDOWN")
         assert a.stop(signal.SIGTERM) == 0

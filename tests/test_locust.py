@@ -6,17 +6,15 @@ imported here: locust runs in subprocesses only.
 import importlib.util
 import json
 import os
-import signal
 import socket
 import sys
 import textwrap
 
-import gevent
 import pytest
 from gevent import subprocess
 
 from gp2p.errors import RemoteError
-from gp2p.testing import next_host, wait_until
+from gp2p.testing import NodeProcess, next_host, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCUSTFILE = os.path.join(ROOT, "examples", "locustfile.py")
@@ -30,41 +28,14 @@ def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 
 
-class EchoNode:
-    """``gp2p node --echo`` (or without ``--echo``) as a subprocess, stderr collected."""
-
-    def __init__(self, *args):
-        self.proc = subprocess.Popen(GP2P + ["node", "--listen", f"{next_host()}:0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=ROOT, env=_env())
-        self.stderr_lines = []
-        self._drain = gevent.spawn(self._read_stderr)
-        with gevent.Timeout(30, AssertionError("the node printed no '<id> <address>' line")):
-            line = self.proc.stdout.readline()
-        assert line, "".join(self.stderr_lines)
-        self.id, self.address = line.split()
-
-    def _read_stderr(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    def stop(self, timeout=20):
-        """SIGTERM, then wait for the exit and for all of stderr; the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self._drain.join(timeout=5)
-        return code
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._drain.kill()
+def target_node(*args):
+    """``gp2p node`` (with ``--echo`` or not) as a subprocess run from the source tree."""
+    return NodeProcess("--listen", f"{next_host()}:0", *args, env=_env(), cwd=ROOT)
 
 
 @pytest.mark.parametrize("echo", [True, False], ids=["echo", "plain"])
 def test_node_echo_flag_answers_load_kinds(nodes, echo):
-    target = EchoNode("--log-level", "DEBUG", *(["--echo"] if echo else []))
+    target = target_node("--log-level", "DEBUG", *(["--echo"] if echo else []))
     try:
         client = nodes.make(listen=None, source_address=next_host())
         peer = client.connect(target.address)
@@ -128,7 +99,7 @@ def _free_port(host):
 def test_locust_master_and_two_workers_against_echo_node(tmp_path):
     users = 6
     # 3 users per worker and at most 2 sockets per IP: every user must dial from its own address
-    target = EchoNode("--echo", "--max-per-ip", "2")
+    target = target_node("--echo", "--max-per-ip", "2")
     port = _free_port("127.0.0.1")
     locust = [sys.executable, "-m", "locust", "-f", LOCUSTFILE]
     master_cmd = locust + ["--headless", "--master", "--master-bind-host", "127.0.0.1",
@@ -192,7 +163,7 @@ class DroppingUser(P2PUser):
 @needs_locust
 def test_user_reconnects_on_its_next_task_after_losing_the_connection(tmp_path):
     users = 3
-    target = EchoNode("--echo", "--log-level", "WARNING")
+    target = target_node("--echo", "--log-level", "WARNING")
     (tmp_path / "dropping.py").write_text(DROPPING_USER)
     cmd = [sys.executable, "-m", "locust", "-f", str(tmp_path / "dropping.py"), "--headless",
            "-u", str(users), "-r", str(users), "-t", "3s", "--host", f"gp2p://{target.address}",
