@@ -6,13 +6,14 @@ import errno
 import itertools
 import time
 
-import gevent
 import pytest
 from gevent.event import Event
 
 from gp2p import DisconnectReason, PeerGone
 from gp2p.memnet import RECV_BUFFER, MemoryNetwork
-from gp2p.testing import NodeFactory, wait_until
+from gp2p.testing import wait_until
+
+from streamkit import StreamEnv, echo, read, read_exactly
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,83 +24,22 @@ def host():
     return next(_hosts)
 
 
-class World:
-    """A fresh network, and everything a test opened on it, closed at the end."""
-
-    def __init__(self, **kwargs):
-        self.net = MemoryNetwork(**kwargs)
-        self.nodes = NodeFactory(transport=self.net)
-        self.listeners = []
-        self.streams = []
-        self.greenlets = []
-
-    def listen(self, handler, ip=None, pool_size=16):
-        listener = self.net.listen(f"{ip or host()}:0", handler, pool_size)
-        self.listeners.append(listener)
-        return listener
-
-    def dial(self, address, source=None, timeout=3.0):
-        stream = self.net.dial(address, timeout, source or host())
-        self.streams.append(stream)
-        return stream
-
-    def spawn(self, fn, *args):
-        greenlet = gevent.spawn(fn, *args)
-        self.greenlets.append(greenlet)
-        return greenlet
-
-    def node(self, ip=None, **fields):
-        return self.nodes.make(listen=f"{ip or host()}:0", **fields)
-
-    def close(self):
-        gevent.killall(self.greenlets, timeout=5)
-        self.net.heal()
-        for stream in self.streams:
-            stream.close()
-        for listener in self.listeners:
-            listener.stop(timeout=1.0)
-        self.nodes.stop_all()
-        stats = self.net.stats()
-        assert stats["streams"] == 0 and stats["listeners"] == 0 and stats["links"] == 0, stats
-
-
 @pytest.fixture
 def world():
+    """``world(**kwargs)``: a fresh MemoryNetwork(**kwargs) in a harness (``.net``)."""
     worlds = []
 
     def make(**kwargs):
-        worlds.append(World(**kwargs))
-        return worlds[-1]
+        w = StreamEnv(MemoryNetwork(**kwargs), host)
+        w.net = w.transport
+        worlds.append(w)
+        return w
 
     try:
         yield make
     finally:
         for w in worlds:
             w.close()
-
-
-def echo(stream):
-    buf = bytearray(65536)
-    while True:
-        n = stream.recv_into(buf)
-        if not n:
-            return
-        stream.sendall(bytes(buf[:n]))
-
-
-def read(stream, size=65536):
-    buf = bytearray(size)
-    n = stream.recv_into(buf)
-    return bytes(buf[:n])
-
-
-def read_exactly(stream, size):
-    data = b""
-    while len(data) < size:
-        chunk = read(stream, size - len(data))
-        assert chunk, "EOF"
-        data += chunk
-    return data
 
 
 def holder(got):
@@ -110,13 +50,11 @@ def holder(got):
     return handle
 
 
-# -- latency --------------------------------------------------------------------------------
-
 def test_link_latency_delays_each_direction_and_keeps_order(world):
     w = world()
     a, b, other = host(), host(), host()
     w.net.set_latency(a, b, 0.05)
-    listener = w.listen(echo, ip=a)
+    listener = w.listen(echo, host=a)
     started = time.monotonic()
     client = w.dial(listener.address, source=b)
     assert time.monotonic() - started >= 0.1  # a dial costs a round trip
@@ -158,7 +96,7 @@ def test_partition_holds_bytes_and_fin_without_reset_and_heal_delivers_them(worl
                 return
 
     healed = Event()
-    listener = w.listen(record, ip=a)
+    listener = w.listen(record, host=a)
     client = w.dial(listener.address, source=b)
     client.sendall(b"before")
     wait_until(lambda: got == [(b"before", False)])
@@ -189,7 +127,7 @@ def test_abort_across_a_partition_resets_only_after_heal(world):
         except ConnectionResetError:
             outcome.append(healed.is_set())
 
-    listener = w.listen(wait_for_reset, ip=a)
+    listener = w.listen(wait_for_reset, host=a)
     client = w.dial(listener.address, source=b)
     assert read_exactly(client, 2) == b"ok"
     w.net.partition([b], [a])

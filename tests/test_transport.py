@@ -15,110 +15,26 @@ from gevent.event import Event
 from gp2p import DisconnectReason
 from gp2p import transport as tcp
 from gp2p.memnet import MemoryNetwork
-from gp2p.testing import NodeFactory, assert_stopped_clean, next_host, wait_until
+from gp2p.testing import assert_stopped_clean, next_host, wait_until
+
+from streamkit import StreamEnv, accepted, echo, read_exactly, read_to_eof
 
 pytestmark = pytest.mark.timeout(60)
 
 _memory_hosts = (f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}" for n in itertools.count(1 * 65536 + 1))
 
 
-class Env:
-    """One transport, with hosts of its own and everything a test opened, closed at the end."""
-
-    def __init__(self, name):
-        self.name = name
-        self.transport = tcp if name == "tcp" else MemoryNetwork()
-        self.nodes = NodeFactory(transport=self.transport)
-        self._listeners = []
-        self._streams = []
-        self._greenlets = []
-
-    def host(self):
-        return next_host() if self.name == "tcp" else next(_memory_hosts)
-
-    def listen(self, handler, pool_size=16, host=None, port=0):
-        listener = self.transport.listen(f"{host or self.host()}:{port}", handler, pool_size)
-        self._listeners.append(listener)
-        return listener
-
-    def dial(self, address, source=None, timeout=3.0):
-        stream = self.transport.dial(address, timeout, source or self.host())
-        self._streams.append(stream)
-        return stream
-
-    def spawn(self, fn, *args):
-        greenlet = gevent.spawn(fn, *args)
-        self._greenlets.append(greenlet)
-        return greenlet
-
-    def node(self, **fields):
-        return self.nodes.make(listen=f"{self.host()}:0", **fields)
-
-    def close(self):
-        gevent.killall(self._greenlets, timeout=5)
-        for stream in self._streams:
-            stream.close()
-        for listener in self._listeners:
-            listener.stop(timeout=1.0)
-        nodes = list(self.nodes.nodes)
-        self.nodes.stop_all()
-        for node in nodes:
-            assert_stopped_clean(node)
-        if self.name == "memory":
-            stats = self.transport.stats()
-            assert stats["streams"] == 0 and stats["listeners"] == 0, stats
-
-
 @pytest.fixture(params=["tcp", "memory"])
 def env(request):
-    env = Env(request.param)
+    if request.param == "tcp":
+        env = StreamEnv(tcp, next_host)
+    else:
+        env = StreamEnv(MemoryNetwork(), lambda: next(_memory_hosts))
+    env.name = request.param
     try:
         yield env
     finally:
         env.close()
-
-
-def read_exactly(stream, size):
-    data = bytearray()
-    buf = bytearray(65536)
-    while len(data) < size:
-        n = stream.recv_into(buf)
-        assert n, f"EOF after {len(data)} of {size} bytes"
-        data += buf[:n]
-    return bytes(data)
-
-
-def read_to_eof(stream):
-    data = bytearray()
-    buf = bytearray(65536)
-    while True:
-        n = stream.recv_into(buf)
-        if not n:
-            return bytes(data)
-        data += buf[:n]
-
-
-def echo(stream):
-    buf = bytearray(65536)
-    while True:
-        n = stream.recv_into(buf)
-        if not n:
-            return
-        stream.sendall(bytes(buf[:n]))
-
-
-def accepted(env, handler=None, **kwargs):
-    """A listener that keeps each accepted stream in a list (and runs ``handler`` on it)."""
-    streams = []
-
-    def handle(stream):
-        streams.append(stream)
-        if handler is not None:
-            handler(stream)
-        else:
-            Event().wait()  # hold the stream open until the listener is stopped
-
-    return env.listen(handle, **kwargs), streams
 
 
 # -- streams ------------------------------------------------------------------------------
