@@ -10,6 +10,7 @@ import math
 import os
 import time
 
+import gevent
 import pytest
 from gevent import socket as gsocket
 from gevent.greenlet import Greenlet
@@ -416,6 +417,26 @@ def test_fresh_addresses_are_relayed_to_peers_that_never_asked(nodes):
     assert not any(m.get("type") == "addr" and m["addrs"][0]["address"] == announced
                    for m in marker(raw, 1))
     raw.close()
+
+
+def test_relays_to_a_congested_peer_are_dropped_and_counted_not_slow_peer(nodes):
+    a = nodes.make(**ROOMY, max_frame_size=65536, out_queue_bytes=256 * 1024)
+    stuck = RawPeer.dial(a.address).handshake()  # never reads from here on
+    wait_until(lambda: stuck.identity.id in {p.id for p in a.peers})
+    peer = next(p for p in a.peers if p.id == stuck.identity.id)
+    # fill the kernel buffers, then a's out-queue to over half of out_queue_bytes (but not
+    # over all of it, which would be SLOW_PEER): optional traffic must now stay away
+    while not peer.congested:
+        a.send(peer, "blob", bytes(60_000))
+        gevent.sleep(0.001)
+    source = RawPeer.dial(a.address).handshake()
+    announced = "127.96.0.9:4242"
+    source.send({"type": "addr", "addrs": [{"address": announced, "id": fresh_id(), "seen": time.time()}]})
+    wait_until(lambda: a.metrics["discovery.relay_dropped"] == 1)
+    assert announced in book(a) and a.metrics["discovery.relayed"] == 1
+    assert peer in a.peers and peer.congested and a.metrics["disconnects.SLOW_PEER"] == 0
+    stuck.close()
+    source.close()
 
 
 def test_stale_and_large_addr_messages_are_not_relayed(nodes):
