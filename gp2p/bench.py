@@ -26,7 +26,7 @@ frame that the far reader answers with its count (the stream is ordered, so it h
 frame before), the gp2p twin a ``request`` that the far node answers once its handler has
 counted everything this node sent. The rate is what was sent over the time until that answer.
 
-Modes: ``inproc`` starts the far end (:class:`FarEnd`: raw echo and sink servers, a gp2p node
+Modes: ``inproc`` starts the far end (:class:`~gp2p.benchfar.FarEnd`: raw echo and sink servers, a gp2p node
 with the bench handlers, 10 more nodes for broadcast) as greenlets in this process, on
 127.0.100.x; ``twoproc`` starts it in a child process, ``python -m gp2p.bench --serve``, on
 127.0.101.x: it prints its addresses as one JSON line and serves until its stdin closes, so it
@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import statistics
-import struct
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -48,9 +47,9 @@ from typing import Any, Callable, Iterator
 
 import gevent
 from gevent import socket, subprocess
-from gevent.os import make_nonblocking, nb_read
-from gevent.server import StreamServer
 
+from gp2p.benchfar import (FANOUT, NODE_FIELDS, SYNC_TIMEOUT, FarEnd, count_struct, frames,
+                           header, nodelay, serve)
 from gp2p.node import Node
 
 __all__ = ["FIGURES", "FarEnd", "run_bench", "serve", "main"]
@@ -61,160 +60,17 @@ FIGURES = {"pingpong": "rt/s", "request": "rt/s", "oneway_100": "msg/s", "oneway
 PING_SIZE = 16
 SMALL = 100
 BIG = 65536
-FANOUT = 10
 NEAR_HOST = "127.0.100.2"
 FAR_PREFIX = {"inproc": "127.0.100", "twoproc": "127.0.101"}
-NODE_FIELDS = {"heartbeat_interval": 30.0, "peer_timeout": 120.0, "network_id": "gp2p-bench",
-               "target_outbound": 0}
-SYNC_TIMEOUT = 60.0
 CHILD_START_TIMEOUT = 60.0
-RECV_SIZE = 65536
 #: a warm-up lasts ``duration / 5`` (at most 0.5 s) or this many calls, whichever ends first,
 #: so that the queue it leaves behind drains quickly
 WARMUP_LIMIT = 2000
 
-_header = struct.Struct(">I")
-_count = struct.Struct(">Q")
 
 
 class BenchError(RuntimeError):
     """A measurement could not be made (the far end died, a count came out wrong)."""
-
-
-# -- raw framing ---------------------------------------------------------------------------
-
-
-def _frames(sock: socket.socket) -> Iterator[bytes]:
-    """Frame bodies read from ``sock``; raises ConnectionError at EOF."""
-    buf = bytearray()
-    while True:
-        chunk = sock.recv(RECV_SIZE)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (n,) = _header.unpack_from(buf, pos)
-            if end - pos - 4 < n:
-                break
-            yield bytes(buf[pos + 4:pos + 4 + n])
-            pos += 4 + n
-        del buf[:pos]
-
-
-def _nodelay(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _serve_echo(sock: socket.socket, _addr: Any) -> None:
-    _nodelay(sock)
-    try:
-        for body in _frames(sock):
-            sock.sendall(_header.pack(len(body)) + body)
-    except OSError:
-        pass
-
-
-def _serve_sink(sock: socket.socket, _addr: Any) -> None:
-    """Count frames; an empty frame asks for the count so far."""
-    _nodelay(sock)
-    count = 0
-    try:
-        for body in _frames(sock):
-            if body:
-                count += 1
-            else:
-                sock.sendall(_header.pack(_count.size) + _count.pack(count))
-    except OSError:
-        pass
-
-
-# -- the far end ---------------------------------------------------------------------------
-
-
-def _install_handlers(node: Node) -> None:
-    """``bench.echo`` returns its payload; ``bench.sink`` and ``bench.bcast`` count per
-    sender; ``bench.count`` (payload n) answers once n were counted from the asker."""
-    counts: dict[str, int] = {}
-
-    @node.on("bench.echo")
-    def echo(peer: Any, payload: Any) -> Any:
-        return payload
-
-    def sink(peer: Any, payload: Any) -> None:
-        counts[peer.id] = counts.get(peer.id, 0) + 1
-
-    node.on("bench.sink")(sink)
-    node.on("bench.bcast")(sink)
-
-    @node.on("bench.count")
-    def count(peer: Any, expected: int) -> int:
-        # handlers start in the order the messages were sent, so this normally returns at once
-        deadline = time.monotonic() + SYNC_TIMEOUT
-        while counts.get(peer.id, 0) < expected and time.monotonic() < deadline:
-            gevent.sleep(0.001)
-        return counts.get(peer.id, 0)
-
-    @node.on_event("peer_disconnected")
-    def forget(peer: Any, reason: Any) -> None:
-        counts.pop(peer.id, None)
-
-
-class FarEnd:
-    """The far side of every figure, on ``prefix``.1 (raw echo and sink servers, one gp2p
-    node) and ``prefix``.11-20 (the broadcast peers). Lives in the bench's own process
-    (inproc) or in a child (twoproc)."""
-
-    def __init__(self, prefix: str, codec: str = "msgpack"):
-        self.prefix = prefix
-        self.codec = codec
-        self.servers: list[StreamServer] = []
-        self.nodes: list[Node] = []
-
-    def __repr__(self) -> str:
-        return f"<FarEnd {self.prefix}.x servers={len(self.servers)} nodes={len(self.nodes)}>"
-
-    def start(self) -> dict[str, Any]:
-        """Start everything; return the addresses: echo, sink, node and fanout (a list)."""
-        host = f"{self.prefix}.1"
-        try:
-            for handler in (_serve_echo, _serve_sink):
-                server = StreamServer((host, 0), handler)
-                server.start()
-                self.servers.append(server)
-            for host_id in [1] + list(range(11, 11 + FANOUT)):
-                node = Node(listen=f"{self.prefix}.{host_id}:0", codec=self.codec, **NODE_FIELDS)
-                _install_handlers(node)
-                self.nodes.append(node)
-                node.start()
-        except BaseException:
-            self.stop()
-            raise
-        echo, sink = (f"{s.server_host}:{s.server_port}" for s in self.servers)
-        return {"echo": echo, "sink": sink, "node": self.nodes[0].address,
-                "fanout": [node.address for node in self.nodes[1:]]}
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        for server in self.servers:
-            server.stop()
-        self.nodes, self.servers = [], []
-
-
-def serve(prefix: str, codec: str) -> int:
-    """The twoproc child: start a FarEnd, print its addresses, serve until stdin closes."""
-    far = FarEnd(prefix, codec)
-    addresses = far.start()
-    try:
-        print(json.dumps(addresses), flush=True)
-        fd = sys.stdin.fileno()
-        make_nonblocking(fd)
-        while nb_read(fd, 4096):
-            pass
-    finally:
-        far.stop()
-    return 0
 
 
 @contextmanager
@@ -317,13 +173,13 @@ def _split(address: str) -> tuple[str, int]:
 def _raw_connect(stack: ExitStack, address: str) -> tuple[socket.socket, Iterator[bytes]]:
     sock = socket.create_connection(_split(address), source_address=(NEAR_HOST, 0))
     stack.callback(sock.close)
-    _nodelay(sock)
-    return sock, _frames(sock)
+    nodelay(sock)
+    return sock, frames(sock)
 
 
 def raw_echo(run: Run, size: int) -> dict[str, float]:
     """Framed echo round trips over a raw socket (pingpong's and request's twin)."""
-    frame = _header.pack(size) + b"p" * size
+    frame = header.pack(size) + b"p" * size
     with ExitStack() as stack:
         sock, frames = _raw_connect(stack, run.far["echo"])
 
@@ -336,7 +192,7 @@ def raw_echo(run: Run, size: int) -> dict[str, float]:
 
 def raw_fanout(run: Run, size: int, ways: int = 1) -> dict[str, float]:
     """Frames of ``size`` bytes, each sent to ``ways`` sockets with one sendall per socket."""
-    frame = _header.pack(size) + b"x" * size
+    frame = header.pack(size) + b"x" * size
     with ExitStack() as stack:
         conns = [_raw_connect(stack, run.far["sink"]) for _ in range(ways)]
         socks = [sock for sock, _ in conns]
@@ -347,9 +203,9 @@ def raw_fanout(run: Run, size: int, ways: int = 1) -> dict[str, float]:
 
         def sync(total: int) -> None:
             for sock in socks:
-                sock.sendall(_header.pack(0))
+                sock.sendall(header.pack(0))
             for _, frames in conns:
-                (count,) = _count.unpack(next(frames))
+                (count,) = count_struct.unpack(next(frames))
                 if count != total:
                     raise BenchError(f"the raw sink counted {count} frames, not {total}")
 
