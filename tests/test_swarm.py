@@ -3,6 +3,7 @@ import gc
 import json
 import resource
 import sys
+import time
 
 import pytest
 from gevent import subprocess
@@ -124,3 +125,18 @@ def test_plain_view_without_a_terminal(tmp_path):
     assert "nodes up 10/10" in text and "converged  50.0%" in text and text.endswith("done\n")
     assert format_status({"phase": "x", "elapsed": 0, "nodes": 1, "up": 1, "connections": 0,
                           "converged": 1.0, "msgs_per_s": 0}).startswith("[x")
+
+
+def test_delivery_waits_give_up_only_once_progress_stops(monkeypatch):
+    monkeypatch.setattr("gp2p.swarm.PHASE_TIMEOUT", 0.3)
+    swarm = Swarm(n=2)
+    start = time.monotonic()
+
+    def delivered():  # one more every 0.1 s for a second, three times PHASE_TIMEOUT
+        return min(10, int((time.monotonic() - start) / 0.1))
+
+    assert swarm._wait_deliveries(delivered, 10)
+    assert time.monotonic() - start >= 1.0
+    stalled = time.monotonic()
+    assert not swarm._wait_deliveries(delivered, 11)
+    assert time.monotonic() - stalled >= 0.3
