@@ -567,7 +567,7 @@ class Swarm:
         try:
             self._run(result)
         finally:
-            tasks.kill(quiet=True)
+            tasks.kill(timeout=10.0, quiet=True)  # a busy hub runs a kill late
             self.phase = "stopping"
             self.stop()
             self.view.close()
