@@ -154,7 +154,8 @@ def serve(prefix: str, codec: str) -> int:
     far = FarEnd(prefix, codec)
     addresses = far.start()
     try:
-        print(json.dumps(addresses), flush=True)
+        sys.stdout.write(json.dumps(addresses) + "\n")  # the parent reads this one line
+        sys.stdout.flush()
         fd = sys.stdin.fileno()
         make_nonblocking(fd)
         while nb_read(fd, 4096):

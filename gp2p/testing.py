@@ -22,6 +22,7 @@ from gp2p.codec import by_name
 from gp2p.errors import DisconnectReason
 from gp2p.identity import Identity
 from gp2p.node import Node
+from gp2p.tasks import TaskGroup
 from gp2p.wire import FrameReader, frame, preamble
 
 __all__ = ["wait_until", "hosts", "NodeFactory", "RawPeer", "NodeProcess", "alive_greenlets",
@@ -270,7 +271,8 @@ class NodeProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "gp2p", "node", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         self.stderr_lines: list[str] = []
-        self._drain = gevent.spawn(self._read_stderr)
+        self._tasks = TaskGroup(f"node-process:{self.proc.pid}")
+        self._drain = self._tasks.spawn("stderr", self._read_stderr)
         try:
             with gevent.Timeout(timeout, AssertionError("the node printed no '<id> <address>' line")):
                 line = self.proc.stdout.readline()
@@ -305,4 +307,4 @@ class NodeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
-        self._drain.kill()
+        self._tasks.kill(quiet=True)

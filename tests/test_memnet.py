@@ -14,6 +14,7 @@ from gp2p.memnet import RECV_BUFFER, MemoryNetwork
 from gp2p.testing import wait_until
 
 from streamkit import StreamEnv, echo, read, read_exactly
+from streamkit import accepted as keeping
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,14 +41,6 @@ def world():
     finally:
         for w in worlds:
             w.close()
-
-
-def holder(got):
-    """A handler that keeps each accepted stream (and keeps it open until stopped)."""
-    def handle(stream):
-        got.append(stream)
-        Event().wait()
-    return handle
 
 
 def test_link_latency_delays_each_direction_and_keeps_order(world):
@@ -217,8 +210,7 @@ def test_resets_with_a_seed_are_reproducible(world):
 
 def test_a_writer_blocks_once_the_receive_buffer_is_full(world):
     w = world()
-    accepted = []
-    listener = w.listen(holder(accepted))
+    listener, accepted = keeping(w)
     client = w.dial(listener.address)
     wait_until(lambda: accepted)
     sent = []
@@ -232,8 +224,7 @@ def test_a_writer_blocks_once_the_receive_buffer_is_full(world):
 
 def test_try_send_queues_what_fits_and_never_waits(world):
     w = world()
-    accepted = []
-    listener = w.listen(holder(accepted))
+    listener, accepted = keeping(w)
     client = w.dial(listener.address)
     wait_until(lambda: accepted)
     assert client.try_send(b"a" * (RECV_BUFFER - 10)) == RECV_BUFFER - 10
@@ -257,8 +248,7 @@ def test_a_dial_waits_while_the_pool_is_full_then_times_out(world):
 
 def test_dials_without_source_get_distinct_client_ips(world):
     w = world()
-    accepted = []
-    listener = w.listen(holder(accepted))
+    listener, accepted = keeping(w)
     for _ in range(3):
         w.streams.append(w.net.dial(listener.address, 1.0))
     wait_until(lambda: len(accepted) == 3)
